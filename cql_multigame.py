@@ -1,0 +1,900 @@
+"""Multi-game offline C51 + CQL ("Scaled QL"): the main script and the home of the algorithm.
+
+Implements Kumar et al., "Offline Q-Learning on Diverse Multi-Task Data Both Scales and Generalizes"
+(ICLR 2023, arXiv 2211.15144), Section 4 and Appendix B:
+
+* one Q-network (resnet.py: ResNet trunk, learned spatial embedding, normalized shared features, one
+  C51 head per game) trained offline on the DQN-Replay data of many games at once (replay.py);
+* the loss (Sec. 4, "Scaled QL"): the C51 distributional TD loss (a cross-entropy between the projected
+  n-step target distribution of a target network and the predicted distribution of the data action)
+  plus the CQL regularizer  alpha * (logsumexp_a Q(s, a) - Q(s, a_data))  on expected Q-values, where
+  the logsumexp and the target network's argmax run over the game's legal (minimal-set) actions only;
+* Adam, hard target updates every 2000 gradient steps, batch 512, n-step 3 (Appendix B.3);
+* periodic evaluation (atari.py: sticky actions, epsilon 0.001, human-normalized score, IQM).
+
+Left out: the paper's exact TPU input pipeline (we stream checkpoints with replay.py instead), and
+anything our sources do not state, which is marked "ours" where it is set (see the README's deviations).
+
+Read top to bottom: `Args` and the presets, device and distributed set-up, the math
+(`categorical_projection`, `c51_cql_loss`, `compute_loss`), checkpoints, evaluation, then `main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import atari
+import numpy as np
+import replay
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import resnet
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    """Scaled QL: multi-game offline C51 + CQL. Defaults are the paper's; "ours" marks unstated values."""
+
+    # --- run ---
+    run_name: str = ""
+    """name of the run folder under `runs_dir` (default: derived from arch, number of games and seed)"""
+    runs_dir: str = "runs"
+    """where TensorBoard logs, checkpoints and the summary of every run go"""
+    seed: int = 1
+    """seed of the network init, the sampler and the evaluation episodes"""
+    resume: bool = False
+    """continue the run `run_name` from its last checkpoint (same next batches and losses)"""
+    device: str = "auto"
+    """auto (XLA if torch_xla imports, else CUDA, else MPS, else CPU), or cpu, cuda, cuda:1, mps, xla"""
+    xla_multiprocess: bool = False
+    """on TPU: start one process per TPU device with torch_xla's launcher (data parallel over cores)"""
+
+    # --- data (DQN-Replay, see replay.py) ---
+    data_dir: str = "data/dqn-replay"
+    """folder holding <Game>/<run>/replay_logs/ of DQN-Replay (gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game>)"""
+    games: tuple[str, ...] = atari.TRAIN_GAMES
+    """games to train on; one head per game, in this order (default: the paper's 40 training games)"""
+    runs: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """DQN-Replay runs (folder names 1..5) to use for every game"""
+    checkpoints: str = "suboptimal"
+    """"suboptimal" (first 20% of each run's checkpoints), "nearoptimal" (all), or suffixes like "0,1,2" """
+    fraction: float = 1.0
+    """fraction of the transitions of each selected checkpoint to use"""
+    memory_budget_gb: float = 32.0
+    """replay memory per process (ours); checkpoints rotate through memory when all don't fit"""
+    reload_every: int = 50_000
+    """gradient steps between swaps of the loaded checkpoints (ours)"""
+    prefetch: int = 2
+    """batches sampled ahead by a background thread (0: sample inside the loop)"""
+    record_missing: int = 0
+    """if > 0, record this many random-policy transitions per missing game with replay.py first (demo)"""
+
+    # --- network (resnet.py) ---
+    arch: str = "resnet101"
+    """tiny, impala, resnet18, resnet34, resnet50 or resnet101 (paper: resnet101)"""
+    num_atoms: int = 51
+    """C51 atoms (ours: the C51 default; not stated in the paper)"""
+    v_min: float = -10.0
+    """lowest return atom (ours: the C51 default for clipped rewards)"""
+    v_max: float = 10.0
+    """highest return atom (ours: the C51 default for clipped rewards)"""
+
+    # --- algorithm ---
+    total_steps: int = 10_000_000
+    """gradient steps (paper: 10M)"""
+    batch_size: int = 512
+    """global batch, split over processes and then over games (paper: 512)"""
+    lr: float = 2e-4
+    """Adam learning rate (paper: 2e-4, scaled from single-game 5e-5 for a 16x larger batch)"""
+    adam_eps: float = 3.125e-4
+    """Adam epsilon (ours: Dopamine's C51/Rainbow value, 0.01/32)"""
+    gamma: float = 0.99
+    """discount (ours: the DQN-Replay agents' value)"""
+    n_step: int = 3
+    """n-step return length (paper: 3)"""
+    target_update_every: int = 2000
+    """gradient steps between hard target-network updates (paper: 2000)"""
+    cql_alpha: float = 0.1
+    """weight of the CQL regularizer (ours: not stated for the multi-game runs)"""
+    td_weight: float = 1.0
+    """weight of the C51 TD loss; 0 with cql_alpha 1 is behavior cloning (see the `bc` preset)"""
+
+    # --- speed ---
+    channels_last: bool = False
+    """store conv activations channels-last (faster on CUDA tensor cores)"""
+    bf16: bool = False
+    """bfloat16 autocast for the network on CUDA/XLA; the loss math stays float32"""
+    compile: bool = False
+    """torch.compile the loss computation (CUDA/CPU)"""
+
+    # --- logging, evaluation, checkpoints ---
+    log_every: int = 1000
+    """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
+    eval_every: int = 500_000
+    """gradient steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 8
+    """episodes per game at every evaluation (ours)"""
+    eval_envs: int = 8
+    """episodes played in parallel, one batched forward per step"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation policy (DQN-Replay protocol)"""
+    eval_max_steps: int = 27_000
+    """agent steps per evaluation episode (DQN-Replay protocol: 27,000 = 108k frames)"""
+    save_every: int = 100_000
+    """gradient steps between checkpoints (also written at the end)"""
+    save_all_ranks: bool = False
+    """debug: every process writes its final parameters to params_rank<r>.pt (the DDP test uses it)"""
+
+
+PRESETS: dict[str, tuple[str, Args]] = {
+    "paper-suboptimal": (
+        "the paper's main setting: 40 games, the first 20% of every DQN-Replay run (sub-optimal data)",
+        Args(checkpoints="suboptimal"),
+    ),
+    "paper-nearoptimal": (
+        "the paper's near-optimal setting: 40 games, all checkpoints of every DQN-Replay run",
+        Args(checkpoints="nearoptimal"),
+    ),
+    "demo": (
+        "CPU demo, no download: records a small random-policy dataset for 3 games, trains the tiny net",
+        Args(
+            data_dir="data/demo",
+            games=("Breakout", "Boxing", "Freeway"),
+            runs=(1,),
+            checkpoints="nearoptimal",
+            record_missing=20_000,
+            memory_budget_gb=2.0,
+            reload_every=1_000_000,
+            arch="tiny",
+            total_steps=3000,
+            batch_size=32,
+            lr=1e-4,
+            target_update_every=500,
+            log_every=100,
+            eval_every=0,
+            eval_episodes=4,
+            eval_envs=4,
+            eval_max_steps=2000,
+            save_every=1000,
+            device="cpu",
+        ),
+    ),
+    "bc": (
+        "behavior cloning on the same network: the CQL term alone (TD off) is the cross-entropy of the "
+        "data action under softmax(Q)",
+        Args(td_weight=0.0, cql_alpha=1.0),
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A mistake in the flags or files a user gave; printed as one sentence, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices and processes
+# ----------------------------------------------------------------------------------------------------
+
+
+def _xla_available() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """auto: XLA when torch_xla imports, else CUDA, else MPS, else CPU. Any other name is used as given."""
+    if name == "auto":
+        if _xla_available():
+            name = "xla"
+        elif torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "xla":
+        if not _xla_available():
+            raise ConfigError(
+                "--device xla needs torch_xla; install requirements-tpu.txt or pick another device."
+            )
+        import torch_xla
+
+        return torch_xla.device()
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N, mps or xla.") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu.")
+    return device
+
+
+@dataclass
+class Dist:
+    """Where this process stands among its peers (rank 0 logs, evaluates and saves)."""
+
+    rank: int = 0
+    world_size: int = 1
+    xla: bool = False  # gradients are averaged by xm.optimizer_step instead of DDP
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            if self.xla:
+                import torch_xla.core.xla_model as xm
+
+                xm.rendezvous("barrier")
+            else:
+                dist.barrier()
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE: join its group (nccl on CUDA, gloo on CPU). XLA: torch_xla's runtime."""
+    if device.type == "xla":
+        import torch_xla.runtime as xr
+
+        return Dist(rank=xr.global_ordinal(), world_size=xr.world_size(), xla=True)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # ours: a long timeout, because the other ranks wait while rank 0 evaluates 40 games.
+    dist.init_process_group(backend, timeout=timedelta(hours=3))
+    return Dist(rank=dist.get_rank(), world_size=world_size)
+
+
+def sync_device(device: torch.device) -> None:
+    """Cut the lazy XLA graph here (one step = one graph); a no-op elsewhere."""
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math: C51 projection, C51 + CQL loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def categorical_projection(
+    next_probs: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor, support: torch.Tensor
+) -> torch.Tensor:
+    """Project the distribution of  reward + discount * Z'  back onto the fixed support (C51, Alg. 1).
+
+    Dense and fixed-shape, as in Dopamine's `project_distribution`: every shifted target atom spreads its
+    mass over the support atoms with a triangle kernel of width one atom spacing, so an atom landing
+    exactly on a support point gives all its mass to that point, and targets outside [v_min, v_max] are
+    clamped to the end atoms first. No loop over the batch; compiles to one graph on XLA.
+
+    next_probs [B, K] (sums to 1), reward [B], discount [B] (gamma**n, 0 at terminals), support [K].
+    Returns [B, K], each row summing to 1.
+    """
+    v_min, v_max = support[0], support[-1]
+    delta = (v_max - v_min) / (support.shape[0] - 1)
+    target_atoms = reward[:, None] + discount[:, None] * support[None, :]  # [B, K]
+    target_atoms = target_atoms.clamp(v_min, v_max)
+    # weight[b, i, j]: share of target atom j that lands on support atom i
+    distance = (target_atoms[:, None, :] - support[None, :, None]).abs()  # [B, K_i, K_j]
+    weight = (1.0 - distance / delta).clamp(min=0.0)  # [B, K, K]
+    return torch.einsum("bij,bj->bi", weight, next_probs)  # [B, K]
+
+
+def c51_cql_loss(
+    logits: torch.Tensor,
+    action: torch.Tensor,
+    target_probs: torch.Tensor,
+    support: torch.Tensor,
+    legal: torch.Tensor,
+    cql_alpha: float,
+    td_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Scaled QL loss: C51 cross-entropy TD loss + cql_alpha * CQL regularizer (Sec. 4).
+
+    logits [B, A, K] of the online network; action [B] full-set ids of the data; target_probs [B, K]
+    (already projected, no gradient); support [K]; legal [B, A] bool, the game's minimal action set.
+
+    TD:  -sum_k target_probs[k] * log_softmax(logits[action])[k]
+    CQL: logsumexp over legal a of Q(s, a)  -  Q(s, a_data), with Q = sum_k softmax(logits[a])_k z_k.
+    Illegal actions enter neither term. With td_weight=0 the loss is cql_alpha times the cross-entropy of
+    the data action under softmax(Q) over legal actions: behavior cloning on the same network.
+    Returns the mean loss and detached metrics (device tensors; read them only at log intervals).
+    """
+    logits = logits.float()  # the loss math stays in float32 under bf16 autocast
+    batch = torch.arange(logits.shape[0], device=logits.device)
+    log_probs = F.log_softmax(logits, dim=-1)  # [B, A, K]
+    td = -(target_probs * log_probs[batch, action]).sum(-1)  # [B]
+
+    q = (log_probs.exp() * support).sum(-1)  # [B, A]
+    q_legal = q.masked_fill(~legal, float("-inf"))  # [B, A]
+    q_data = q[batch, action]  # [B]
+    cql = torch.logsumexp(q_legal, dim=-1) - q_data  # [B]
+
+    loss = (td_weight * td + cql_alpha * cql).mean()
+    metrics = {
+        "td_loss": td.mean().detach(),
+        "cql_term": cql.mean().detach(),
+        "q_data": q_data.mean().detach(),
+        "q_max": q_legal.max(-1).values.mean().detach(),
+        "loss": loss.detach(),
+    }
+    return loss, metrics
+
+
+def legal_action_table(games: list[str] | tuple[str, ...], num_actions: int = 18) -> torch.Tensor:
+    """[G, A] bool: which full-set actions are in each game's minimal action set (from ALE)."""
+    table = torch.zeros(len(games), num_actions, dtype=torch.bool)
+    for g, game in enumerate(games):
+        table[g, atari.legal_actions(game)] = True
+    return table
+
+
+def compute_loss(
+    net: torch.nn.Module,
+    target_net: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    support: torch.Tensor,
+    legal_table: torch.Tensor,
+    cql_alpha: float,
+    td_weight: float = 1.0,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch -> (loss, metrics): n-step C51 target from the target network, then `c51_cql_loss`.
+
+    batch: obs, next_obs uint8 [B, 4, 84, 84]; action, game int64 [B]; reward, discount float32 [B].
+    """
+    legal = legal_table[batch["game"]]  # [B, A]
+    autocast = torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=bf16)
+    if td_weight != 0.0:
+        with torch.no_grad(), autocast:
+            next_logits = target_net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
+        next_probs = next_logits.softmax(-1)  # [B, A, K]
+        next_q = (next_probs * support).sum(-1).masked_fill(~legal, float("-inf"))  # [B, A]
+        next_action = next_q.argmax(-1)  # [B], legal actions only
+        batch_idx = torch.arange(next_probs.shape[0], device=next_probs.device)
+        target_probs = categorical_projection(
+            next_probs[batch_idx, next_action], batch["reward"], batch["discount"], support
+        )  # [B, K]
+    else:  # behavior cloning: no TD target needed
+        target_probs = torch.zeros(batch["obs"].shape[0], support.shape[0], device=support.device)
+    with autocast:
+        logits = net(batch["obs"], batch["game"])  # [B, A, K]
+    return c51_cql_loss(logits, batch["action"], target_probs, support, legal, cql_alpha, td_weight)
+
+
+def expected_q(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """[B, A, K] logits -> [B, A] expected Q-values."""
+    return (logits.float().softmax(-1) * support).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: replay batches -> device tensors (optionally sampled ahead by a thread)
+# ----------------------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Hands out (batch, replay_state_after_it). With prefetch > 0 a thread samples ahead.
+
+    The replay state travels with each batch so that a checkpoint stores the state right after the
+    last batch the learner used, not after the ones the thread sampled ahead: `--resume` then gives
+    the same next batches.
+    """
+
+    def __init__(self, data: replay.MultiGameReplay, batch_size: int, device: torch.device, prefetch: int):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.pin = device.type == "cuda"
+        self.wait_time = 0.0
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._produce, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> tuple[dict[str, torch.Tensor], dict]:
+        b = self.data.sample(self.batch_size)
+        tensors = {name: torch.from_numpy(np.asarray(value)) for name, value in b._asdict().items()}
+        if self.pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return tensors, self.data.state_dict()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._sample()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # hand the error to the learner
+            self._queue.put(e)
+
+    def next(self) -> tuple[dict[str, torch.Tensor], dict]:
+        start = time.perf_counter()
+        if self._queue is None:
+            item = self._sample()
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+        tensors, state = item
+        tensors = {k: v.to(self.device, non_blocking=self.pin) for k, v in tensors.items()}
+        self.wait_time += time.perf_counter() - start
+        return tensors, state
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._queue is not None:
+            self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a killed process leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by this script (weights only, no pickle), with one-sentence errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"checkpoint {path} does not exist; pass the checkpoint.pt of a cql_multigame.py run."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}); "
+            "use another checkpoint."
+        ) from e
+    missing = {"model", "net_config", "games", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise ConfigError(
+            f"checkpoint {path} lacks {sorted(missing)}; it was not written by cql_multigame.py."
+        )
+    return ckpt
+
+
+def load_rank_replay_state(run_dir: Path, rank: int, step: int) -> dict:
+    """The sampler state a rank > 0 saved beside the checkpoint of `step`."""
+    path = run_dir / f"replay_state_rank{rank}.pt"
+    state = torch.load(path, weights_only=True) if path.is_file() else None
+    if state is None or state["step"] != step:
+        raise ConfigError(
+            f"{path} is missing or not from step {step}; resume with the same number of processes."
+        )
+    return state["replay"]
+
+
+def network_from_checkpoint(ckpt: dict[str, Any], which: str = "model") -> resnet.QNetwork:
+    """Rebuild the QNetwork a checkpoint was trained with and load its weights (`which`: model or target)."""
+    net = resnet.QNetwork(**ckpt["net_config"])
+    net.load_state_dict(ckpt[which])
+    return net
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_q_fn(net: torch.nn.Module, game_index: int, support: torch.Tensor, device: torch.device, bf16: bool):
+    """A q_fn for atari.evaluate: uint8 frames [N, 4, 84, 84] -> expected Q [N, 18] of one game's head."""
+
+    @torch.no_grad()
+    def q_fn(obs: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(obs)).to(device)
+        g = torch.full((x.shape[0],), game_index, dtype=torch.int64, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x, g)
+        return expected_q(logits, support).cpu().numpy()
+
+    return q_fn
+
+
+def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
+    """Play every game with its head; returns per-game mean return, HNS and the IQM with a 95% CI."""
+    was_training = net.training
+    net.eval()
+    per_game = {}
+    for g, game in enumerate(games):
+        returns = atari.evaluate(
+            make_q_fn(net, g, support, device, args.bf16 and device.type != "cpu"),
+            game,
+            num_episodes=args.eval_episodes,
+            num_envs=args.eval_envs,
+            epsilon=args.eval_epsilon,
+            seed=seed + g,
+            max_episode_steps=args.eval_max_steps,
+        )
+        per_game[game] = {
+            "returns": [float(r) for r in returns],
+            "mean_return": float(np.mean(returns)),
+            "hns": float(atari.human_normalized_score(game, float(np.mean(returns)))),
+        }
+    net.train(was_training)
+    hns = np.array([per_game[g]["hns"] for g in games])
+    episode_hns = np.array(
+        [[atari.human_normalized_score(g, r) for r in per_game[g]["returns"]] for g in games]
+    )
+    lo, hi = atari.iqm_confidence_interval(episode_hns.T, seed=seed)  # [episodes, games]
+    return {"games": per_game, "iqm_hns": float(atari.iqm(hns)), "iqm_ci": [float(lo), float(hi)]}
+
+
+def format_summary(result: dict[str, Any], step: int) -> str:
+    """A markdown table of one evaluation."""
+    lines = [
+        f"evaluation at step {step:,}",
+        "",
+        "| game | mean return | human-normalized |",
+        "|---|---:|---:|",
+    ]
+    for game, r in result["games"].items():
+        lines.append(f"| {game} | {r['mean_return']:.1f} | {r['hns']:.3f} |")
+    lo, hi = result["iqm_ci"]
+    lines.append(f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}) |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (before any long work)
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_checkpoints(spec: str) -> str | list[int]:
+    spec = spec.strip()
+    if spec in ("suboptimal", "nearoptimal"):
+        return spec
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as e:
+        raise ConfigError(
+            f"--checkpoints {spec!r} is not suboptimal, nearoptimal or a list of suffixes like 0,1,2."
+        ) from e
+
+
+def check_args(args: Args, world_size: int) -> None:
+    if args.arch not in resnet.ARCHS:
+        raise ConfigError(f"unknown --arch {args.arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
+    for game in args.games:
+        try:
+            atari.check_game(game)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if len(set(args.games)) != len(args.games):
+        raise ConfigError("--games lists a game twice; every game gets one head, list each once.")
+    if args.batch_size % world_size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} does not split over {world_size} processes; "
+            f"use a multiple of {world_size}."
+        )
+    per_rank = args.batch_size // world_size
+    if per_rank < len(args.games):
+        raise ConfigError(
+            f"--batch-size {args.batch_size} gives {per_rank} samples per process, fewer than "
+            f"the {len(args.games)} games; every batch needs each game, use at least "
+            f"{len(args.games) * world_size}."
+        )
+    if args.v_min >= args.v_max or args.num_atoms < 2:
+        raise ConfigError("--v-min must be below --v-max and --num-atoms at least 2.")
+    if not 0.0 < args.fraction <= 1.0:
+        raise ConfigError(f"--fraction {args.fraction} must be in (0, 1].")
+    parse_checkpoints(args.checkpoints)
+
+
+def record_missing_games(args: Args) -> None:
+    """The demo's cached dataset: record random-policy data for games that have none yet."""
+    data_dir = Path(args.data_dir)
+    missing = [g for g in args.games if not any((data_dir / g).glob("*/replay_logs/add_count_ckpt.*.gz"))]
+    if not missing:
+        return
+    print(
+        f"recording {args.record_missing:,} random-policy transitions for {', '.join(missing)} "
+        f"into {data_dir} (once; later runs reuse it)"
+    )
+    replay.record(
+        data_dir,
+        missing,
+        runs=args.runs,
+        num_checkpoints=1,
+        capacity=args.record_missing,
+        policy="random",
+        seed=args.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_run_name(args: Args) -> str:
+    return args.run_name or f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
+
+
+def main(args: Args) -> dict[str, Any]:
+    device = select_device(args.device)
+    d = setup_distributed(device)
+    check_args(args, d.world_size)
+    run_dir = Path(args.runs_dir) / default_run_name(args)
+    ckpt_path = run_dir / "checkpoint.pt"
+    resume_ckpt = None
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(
+                f"--resume found no checkpoint at {ckpt_path}; start the run without --resume "
+                "or pass the --run-name of an earlier run."
+            )
+        resume_ckpt = load_checkpoint(ckpt_path)
+        if resume_ckpt["net_config"]["arch"] != args.arch:
+            raise ConfigError(
+                f"{ckpt_path} holds a {resume_ckpt['net_config']['arch']} network but --arch is "
+                f"{args.arch}; resume with --arch {resume_ckpt['net_config']['arch']}."
+            )
+        if list(resume_ckpt["games"]) != list(args.games):
+            raise ConfigError(f"{ckpt_path} was trained on other --games; resume with the same games.")
+    elif ckpt_path.exists():
+        raise ConfigError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it or another "
+            "--run-name to start a new run."
+        )
+
+    if args.record_missing > 0 and d.main:
+        record_missing_games(args)
+    d.barrier()
+
+    torch.manual_seed(args.seed)  # same init on every rank
+    np.random.seed(args.seed)
+    data = replay.MultiGameReplay(
+        args.data_dir,
+        list(args.games),
+        runs=tuple(args.runs),
+        checkpoints=parse_checkpoints(args.checkpoints),
+        fraction=args.fraction,
+        n_step=args.n_step,
+        gamma=args.gamma,
+        memory_budget_gb=args.memory_budget_gb,
+        reload_every=args.reload_every,
+        seed=args.seed + 1000 * d.rank,
+        rank=d.rank,
+        world_size=d.world_size,
+    )
+    if d.main:
+        print(data.plan_summary())
+
+    net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
+    target_net = resnet.QNetwork(**net.config()).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    target_net = target_net.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, eps=args.adam_eps)
+    step = 0
+    if resume_ckpt is not None:
+        net.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        step = int(resume_ckpt["step"])
+        data.load_state_dict(
+            resume_ckpt["replay"] if d.rank == 0 else load_rank_replay_state(run_dir, d.rank, step)
+        )
+        torch.set_rng_state(resume_ckpt["rng"]["torch"])
+    target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
+    target_net.requires_grad_(False)
+
+    model = net
+    if d.world_size > 1 and not d.xla:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
+    legal_table = legal_action_table(args.games).to(device)
+    loss_fn = torch.compile(compute_loss) if args.compile else compute_loss
+    bf16 = args.bf16 and device.type in ("cuda", "xla")
+
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
+        )
+        counts = resnet.count_parameters(net)
+        print(
+            f"device {device}, {d.world_size} process(es), {args.arch}: "
+            f"{counts['total'] / 1e6:.2f}M parameters; logs and checkpoint in {run_dir}"
+        )
+
+    per_rank_batch = args.batch_size // d.world_size
+    stream = BatchStream(data, per_rank_batch, device, args.prefetch)
+    replay_state = data.state_dict()
+    metrics: dict[str, torch.Tensor] = {}
+    last_log = (time.perf_counter(), step, 0.0)
+    history_path = run_dir / "metrics.jsonl"
+    progress = None
+    if d.main:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0
+        )
+
+    def save(at_step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            return  # never overwrite the last good checkpoint with a broken network
+        if not d.main:  # every other rank keeps its own sampler state beside the checkpoint
+            save_checkpoint(
+                run_dir / f"replay_state_rank{d.rank}.pt", {"step": at_step, "replay": replay_state}
+            )
+        else:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": net.state_dict(),
+                    "target": target_net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": at_step,
+                    "args": dataclasses.asdict(args),
+                    "net_config": net.config(),
+                    "games": list(args.games),
+                    "rng": {"torch": torch.get_rng_state()},
+                    "replay": replay_state,
+                },
+            )
+
+    try:
+        while step < args.total_steps:
+            batch, replay_state = stream.next()
+            loss, metrics = loss_fn(
+                model, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if d.xla:
+                import torch_xla.core.xla_model as xm
+
+                xm.optimizer_step(optimizer)  # all-reduces gradients over replicas, then steps
+            else:
+                optimizer.step()
+            step += 1
+            if step % args.target_update_every == 0:
+                target_net.load_state_dict(net.state_dict())
+            sync_device(device)
+            if progress is not None:
+                progress.update(1)
+
+            if step % args.log_every == 0 or step == args.total_steps:
+                values = {k: float(v) for k, v in metrics.items()}  # the loop's only host sync
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"the loss became {values['loss']} at step {step} (last metrics {values}); the last "
+                        f"good checkpoint stays at {ckpt_path}; lower --lr or check the data."
+                    )
+                if d.main:
+                    now = time.perf_counter()
+                    sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
+                    wait = (stream.wait_time - last_log[2]) / max(now - last_log[0], 1e-9)
+                    last_log = (now, step, stream.wait_time)
+                    for k, tag in (
+                        ("td_loss", "losses/td_loss"),
+                        ("cql_term", "losses/cql_term"),
+                        ("loss", "losses/total_loss"),
+                        ("q_data", "q/data_action"),
+                        ("q_max", "q/max"),
+                    ):
+                        writer.add_scalar(tag, values[k], step)
+                    writer.add_scalar("charts/samples_per_second", sps, step)
+                    writer.add_scalar("charts/data_wait_fraction", wait, step)
+                    for k, v in data.stats().items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"replay/{k}", v, step)
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps({"step": step, **values}) + "\n")
+                    progress.set_postfix(
+                        loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
+                    )
+
+            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+                if d.main:
+                    result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+                    log_evaluation(writer, result, step)
+                    progress.write(format_summary(result, step))
+                d.barrier()
+            if step % args.save_every == 0 or step == args.total_steps:
+                save(step)
+    finally:
+        stream.close()
+        data.close()
+        if progress is not None:
+            progress.close()
+
+    summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
+    if args.save_all_ranks:
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, run_dir / f"params_rank{d.rank}.pt")
+    if d.main:
+        result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+        log_evaluation(writer, result, step)
+        writer.close()
+        summary.update(result)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(format_summary(result, step))
+        print(
+            f"\nTensorBoard: tensorboard --logdir {args.runs_dir}\ncheckpoint:  {ckpt_path}\n"
+            f"summary:     {run_dir / 'summary.json'}"
+        )
+    d.barrier()
+    if d.world_size > 1 and not d.xla:
+        dist.destroy_process_group()
+    return summary
+
+
+def log_evaluation(writer, result: dict[str, Any], step: int) -> None:
+    for game, r in result["games"].items():
+        writer.add_scalar(f"eval/{game}/return", r["mean_return"], step)
+        writer.add_scalar(f"eval/{game}/hns", r["hns"], step)
+    writer.add_scalar("eval/iqm_hns", result["iqm_hns"], step)
+    writer.add_scalar("eval/iqm_hns_ci_low", result["iqm_ci"][0], step)
+    writer.add_scalar("eval/iqm_hns_ci_high", result["iqm_ci"][1], step)
+
+
+def cli(argv: list[str] | None = None) -> Args:
+    """`python cql_multigame.py PRESET [--flag value ...]`, PRESET one of PRESETS."""
+    import tyro
+
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv)
+
+
+def _xla_worker(index: int, args: Args) -> None:
+    """torch_xla.launch calls this in every process, with the process index first."""
+    main(args)
+
+
+def run(args: Args) -> None:
+    """Run `main`, printing user mistakes as one line instead of a traceback."""
+    try:
+        if args.xla_multiprocess:
+            import torch_xla
+
+            torch_xla.launch(_xla_worker, args=(args,))
+        else:
+            main(args)
+    except (ConfigError, replay.ReplayDataError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run(cli())

@@ -1,0 +1,291 @@
+"""The Scaled QL network (Kumar et al., ICLR 2023, Section 4 "Our approach" and Appendix B.3).
+
+uint8 frames [B, 4, 84, 84] -> ResNet trunk with group normalization -> learned spatial embedding
+(instead of global average pooling) -> shared MLP -> feature normalization -> one linear head per game,
+each giving C51 logits [num_actions, num_atoms]. The paper's capacity study compares ResNet-34/50/101
+(up to ~80M parameters) with the IMPALA CNN; `tiny` is ours, for CPU demos and tests.
+
+What it leaves out: the paper's exact ResNet stem, GroupNorm group count, MLP width and the exact form of
+its feature normalization are not stated in any source we have; each choice here is marked "# ours:".
+The network knows nothing about the loss, the replay or the games' names (game ids are integers).
+
+Public: ARCHS, QNetwork, count_parameters, transfer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------
+# Trunks. Each builder takes no arguments and returns an nn.Module mapping float [B, 4, 84, 84] in [0, 1]
+# to a feature map [B, C, H, W]. The QNetwork measures C, H, W with one dummy forward.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    # ours: 32 groups (Wu & He 2018's default) for channels >= 64, channels // 2 for narrower layers
+    # (16 -> 8 groups, 32 -> 16 groups) so that each group normalizes more than one channel.
+    return nn.GroupNorm(min(32, channels // 2), channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: 3x3 conv, GN, ReLU, 3x3 conv, GN, plus a (projected) shortcut, ReLU."""
+
+    expansion = 1
+
+    def __init__(self, in_ch: int, ch: int, stride: int = 1):
+        super().__init__()
+        out_ch = ch * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.gn1 = _gn(ch)
+        self.conv2 = nn.Conv2d(ch, out_ch, 3, 1, 1, bias=False)
+        self.gn2 = _gn(out_ch)
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = self.gn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50/101 block (v1.5: stride on the 3x3 conv): 1x1, 3x3, 1x1 (x4 channels), GN after each."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, ch: int, stride: int = 1):
+        super().__init__()
+        out_ch = ch * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
+        self.gn1 = _gn(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, stride, 1, bias=False)
+        self.gn2 = _gn(ch)
+        self.conv3 = nn.Conv2d(ch, out_ch, 1, bias=False)
+        self.gn3 = _gn(out_ch)
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return F.relu(y + self.shortcut(x))
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), _gn(out_ch))
+
+
+def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: list[int]) -> nn.Sequential:
+    # ours: the ImageNet stem (7x7 conv, stride 2) without its max-pool, so 84x84 frames give
+    # 42 -> 42 -> 21 -> 11 -> 6: a 6x6 final map for the spatial embedding (with the max-pool it would be
+    # 3x3). Stage widths and block counts are the standard ones (He et al. 2016).
+    mods: list[nn.Module] = [nn.Conv2d(4, 64, 7, 2, 3, bias=False), _gn(64), nn.ReLU()]
+    in_ch = 64
+    for i, (ch, n) in enumerate(zip([64, 128, 256, 512], layers, strict=True)):
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            mods.append(block(in_ch, ch, stride))
+            in_ch = ch * block.expansion
+    return nn.Sequential(*mods)
+
+
+def _tiny() -> nn.Sequential:
+    # ours: Nature-DQN's first two convs (84 -> 20 -> 9) with GN, then one basic residual block at 9x9.
+    return nn.Sequential(
+        nn.Conv2d(4, 32, 8, 4, bias=False), _gn(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 4, 2, bias=False), _gn(64), nn.ReLU(),
+        BasicBlock(64, 64),
+    )  # fmt: skip
+
+
+class _ImpalaResidual(nn.Module):
+    """IMPALA residual block (Espeholt et al. 2018): x + conv(relu(conv(relu(x))))."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+def _impala() -> nn.Sequential:
+    # The IMPALA CNN: 3 stages [16, 32, 32] of conv3x3 + maxpool(3, stride 2) + 2 residual blocks, final
+    # ReLU; 84 -> 42 -> 21 -> 11. ours: no normalization, as in IMPALA itself (it is the paper's
+    # "standard architecture" baseline, so we keep it as published).
+    mods: list[nn.Module] = []
+    in_ch = 4
+    for ch in (16, 32, 32):
+        mods += [nn.Conv2d(in_ch, ch, 3, 1, 1), nn.MaxPool2d(3, 2, 1), _ImpalaResidual(ch), _ImpalaResidual(ch)]
+        in_ch = ch
+    mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {
+    "tiny": _tiny,
+    "impala": _impala,
+    "resnet18": lambda: _resnet(BasicBlock, [2, 2, 2, 2]),
+    "resnet34": lambda: _resnet(BasicBlock, [3, 4, 6, 3]),
+    "resnet50": lambda: _resnet(Bottleneck, [3, 4, 6, 3]),
+    "resnet101": lambda: _resnet(Bottleneck, [3, 4, 23, 3]),
+}
+
+# --------------------------------------------------------------------------------------------------------
+# Spatial embedding, per-game heads, the Q-network.
+# --------------------------------------------------------------------------------------------------------
+
+
+class SpatialEmbedding(nn.Module):
+    """Learned spatial embedding (Anand et al. 2022, used by Scaled QL instead of global average pooling).
+
+    A learned kernel K [H, W, C, F] reduces a feature map [B, C, H, W] to [B, C*F]:
+    out[b, c, f] = sum_{h,w} x[b, c, h, w] * K[h, w, c, f]. Each channel gets F learned spatial weightings,
+    so the position of an object (which average pooling throws away) reaches the Q-values.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, num_features: int = 8):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.empty(height, width, channels, num_features))  # [H, W, C, F]
+        # ours: variance scaling over the fan-in H*W, so each output has the scale of one input.
+        nn.init.normal_(self.kernel, std=(height * width) ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum("bchw,hwcf->bcf", x, self.kernel)  # [B, C, F]
+        return out.flatten(1)  # [B, C*F]
+
+
+class GameHeads(nn.Module):
+    """One linear layer per game, mapping features [B, D] to [B, num_actions * num_atoms].
+
+    Form (a): one dense matmul against all G heads, then a gather of each sample's own block. It has
+    static shapes, works for any mix of games in a batch (a one-game evaluation batch; sampler shares that
+    differ by one), and the gather's backward is a scatter, so every other game's head gets a gradient of
+    exactly 0. Its cost is G times the useful head FLOPs, which is small next to the trunk: for resnet101
+    with 40 games and D = 640 the heads are 2*640*40*918 = 47 MFLOP per sample forward against 9.4 GFLOP
+    for the trunk at 84x84 (0.5%; `python benchmarks/bench_network.py --heads-only` prints both).
+    The alternatives: (b) gathering each sample's weights W[game] -> [B, A*K, D] is a batched matrix-vector
+    product that moves B*D*A*K weights (1.2 GB at B = 512, D = 640), memory-bound and slower everywhere;
+    (c) one batched matmul over games [G, B/G, D] x [G, D, A*K] needs the batch sorted into exactly equal
+    shares, which the sampler does not give when B % G != 0, nor evaluation (one game per batch).
+    On this 2-core CPU at B = 32, G = 40, D = 640, forward+backward: (a) 10.4 ms, (b) 26.6 ms, (c) 1.5 ms
+    (equal shares only); on an accelerator (a) is one large dense matmul at near-peak throughput, so its
+    40x is 0.5% of the step; we take (a) for its generality.
+    """
+
+    def __init__(self, num_games: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_games, out_dim, in_dim))  # [G, A*K, D]
+        self.bias = nn.Parameter(torch.zeros(num_games, out_dim))  # [G, A*K]
+        # ours: small init so that every head starts near a uniform return distribution.
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor, game: torch.Tensor) -> torch.Tensor:
+        g, o, d = self.weight.shape
+        all_heads = F.linear(x, self.weight.reshape(g * o, d), self.bias.reshape(g * o))  # [B, G*A*K]
+        index = game.view(-1, 1, 1).expand(-1, 1, o)  # [B, 1, A*K]
+        return all_heads.view(-1, g, o).gather(1, index).squeeze(1)  # [B, A*K]
+
+
+class QNetwork(nn.Module):
+    """Scaled QL's multi-game Q-network: shared trunk + spatial embedding + shared MLP, one head per game.
+
+    forward(obs uint8 [B, 4, 84, 84], game int64 [B]) -> C51 logits float32 [B, num_actions, num_atoms].
+    features(obs) -> the shared, L2-normalized features [B, mlp_dim] that every head reads.
+    """
+
+    def __init__(
+        self,
+        num_games: int,
+        arch: str = "resnet101",
+        num_actions: int = 18,
+        num_atoms: int = 51,
+        num_spatial: int = 8,  # F, learned spatial features per channel (ours: 8, not stated in the paper)
+        mlp_dim: int = 640,  # ours: gives resnet101 with 40 games 77.0M parameters (paper: "up to 80M")
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}.")
+        for name, value in [("num_games", num_games), ("num_actions", num_actions),
+                            ("num_atoms", num_atoms), ("num_spatial", num_spatial), ("mlp_dim", mlp_dim)]:
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        self.arch, self.num_games, self.num_actions, self.num_atoms = arch, num_games, num_actions, num_atoms
+        self.num_spatial, self.mlp_dim = num_spatial, mlp_dim
+
+        self.trunk = ARCHS[arch]()
+        ref = next(self.trunk.parameters())
+        with torch.no_grad():
+            _, c, h, w = self.trunk(torch.zeros(1, 4, 84, 84, device=ref.device, dtype=ref.dtype)).shape
+        self.feature_shape = (c, h, w)  # resnets: (512 or 2048, 6, 6); tiny: (64, 9, 9); impala: (32, 11, 11)
+        self.spatial_embedding = SpatialEmbedding(c, h, w, num_spatial)
+        # ours: one hidden layer; the paper does not give the shared MLP's depth or width.
+        self.shared_mlp = nn.Sequential(nn.Linear(c * num_spatial, mlp_dim), nn.ReLU())
+        self.heads = GameHeads(num_games, mlp_dim, num_actions * num_atoms)
+        self._init_trunk()
+
+    def _init_trunk(self) -> None:
+        for m in self.trunk.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            # ours: zero-init the last GN scale of each residual branch (Goyal et al. 2017), so every block
+            # starts as the identity; it makes the deep GN ResNets train from the first step.
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.gn2.weight)
+            elif isinstance(m, Bottleneck):
+                nn.init.zeros_(m.gn3.weight)
+
+    def config(self) -> dict:
+        """The constructor's keyword arguments (plain types), to rebuild this network from a checkpoint."""
+        return {"num_games": self.num_games, "arch": self.arch, "num_actions": self.num_actions,
+                "num_atoms": self.num_atoms, "num_spatial": self.num_spatial, "mlp_dim": self.mlp_dim}
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 obs [B, 4, 84, 84] -> shared features [B, mlp_dim], each of unit L2 norm."""
+        if obs.dtype != torch.uint8 or tuple(obs.shape[1:]) != (4, 84, 84):
+            raise ValueError(f"obs must be uint8 of shape [B, 4, 84, 84] (raw frames; the network scales them),"
+                             f" got {obs.dtype} {tuple(obs.shape)}.")
+        x = obs.to(next(self.trunk.parameters()).dtype) / 255.0  # [B, 4, 84, 84] in [0, 1]
+        if self.trunk[0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the net was moved to channels_last
+        x = self.trunk(x)  # [B, C, H, W]
+        x = self.spatial_embedding(x)  # [B, C*F]
+        x = self.shared_mlp(x)  # [B, D]
+        # Feature normalization (Scaled QL, Section 4): our sources do not give its exact form; ours: the
+        # L2 normalization of the shared features (after the MLP's ReLU), with no learned scale.
+        return F.normalize(x, dim=-1)  # [B, D]
+
+    def forward(self, obs: torch.Tensor, game: torch.Tensor) -> torch.Tensor:
+        logits = self.heads(self.features(obs), game)  # [B, A*K]
+        return logits.view(-1, self.num_actions, self.num_atoms).float()  # [B, A, K]
+
+
+def count_parameters(net: QNetwork) -> dict[str, int]:
+    """Parameter counts by part: trunk, spatial_embedding, shared_mlp, heads, and their total."""
+    parts = {name: sum(p.numel() for p in getattr(net, name).parameters())
+             for name in ("trunk", "spatial_embedding", "shared_mlp", "heads")}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def transfer(net: QNetwork, num_games: int) -> QNetwork:
+    """A new QNetwork for `num_games` new games: trunk, spatial embedding and shared MLP copied from `net`
+    (independent copies of the weights, on the same device, dtype and memory format), fresh heads."""
+    new = QNetwork(**{**net.config(), "num_games": num_games})
+    new.trunk = copy.deepcopy(net.trunk)
+    new.spatial_embedding = copy.deepcopy(net.spatial_embedding)
+    new.shared_mlp = copy.deepcopy(net.shared_mlp)
+    ref = next(net.heads.parameters())
+    new.heads.to(device=ref.device, dtype=ref.dtype)
+    new.train(net.training)
+    return new
