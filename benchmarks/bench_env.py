@@ -1,0 +1,126 @@
+"""Environment throughput: atari.evaluate and atari.make_vec_env next to ale-py's C++ vector env.
+
+Measures agent steps per second (1 agent step = 4 raw Atari frames) with a random policy:
+- `atari.evaluate`: a q_fn returning random Q-values, `num_envs` parallel episodes (this repo's eval path),
+- `atari.make_vec_env`: the vector env used for online acting (in-process, and optionally subprocesses),
+- ale-py's AtariVectorEnv (gym.make_vec("ALE/<Game>-v5")), C++ threads, its own preprocessing at the same
+  frame skip / resolution / stack, random actions: the ceiling of what ALE itself can do here.
+
+Run:  python benchmarks/bench_env.py --game Breakout --num-envs 8
+Prints a markdown table and writes JSON to benchmarks/results/bench_env.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import atari  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    game: str = "Breakout"
+    """Atari game (CamelCase ALE name)."""
+    num_envs: int = 8
+    """Parallel episodes / environments in every measurement."""
+    episodes_per_env: int = 6
+    """evaluate(): episodes each env slot plays (num_episodes = num_envs * episodes_per_env)."""
+    steps: int = 1500
+    """Vector-env measurements: steps of the whole batch (agent steps = steps * num_envs)."""
+    sticky_actions: float = 0.25
+    """Sticky-action probability everywhere (Dopamine's default)."""
+    asynchronous: bool = False
+    """Also time make_vec_env(asynchronous=True) (one subprocess per env)."""
+    seed: int = 0
+    out: Path = Path(__file__).resolve().parent / "results" / "bench_env.json"
+    """Where the JSON results go."""
+
+
+def bench_evaluate(args: Args) -> dict:
+    counter = [0]
+    step = atari.DopamineAtari.step
+
+    def counting_step(self, action):
+        counter[0] += 1
+        return step(self, action)
+
+    rng = np.random.default_rng(args.seed)
+    atari.DopamineAtari.step = counting_step
+    try:
+        t = time.perf_counter()
+        returns = atari.evaluate(
+            lambda obs: rng.random((len(obs), atari.NUM_ACTIONS)), args.game,
+            num_episodes=args.num_envs * args.episodes_per_env, num_envs=args.num_envs, seed=args.seed,
+            sticky_actions=args.sticky_actions,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t
+    finally:
+        atari.DopamineAtari.step = step
+    return dict(agent_steps=counter[0], seconds=seconds, episodes=len(returns), mean_return=returns.mean())
+
+
+def bench_vec(env: gym.vector.VectorEnv, args: Args) -> dict:
+    env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    env.step(env.action_space.sample())  # warm-up (threads / subprocesses started)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        env.step(env.action_space.sample())
+    seconds = time.perf_counter() - t
+    env.close()
+    return dict(agent_steps=args.steps * args.num_envs, seconds=seconds)
+
+
+def main(args: Args) -> None:
+    game = atari.check_game(args.game)
+    rows = {}
+    rows["atari.evaluate (random q_fn)"] = bench_evaluate(args)
+    vec = atari.make_vec_env(game, args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions)
+    rows["atari.make_vec_env (sync)"] = bench_vec(vec, args)
+    if args.asynchronous:
+        vec = atari.make_vec_env(
+            game, args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions, asynchronous=True
+        )
+        rows["atari.make_vec_env (async)"] = bench_vec(vec, args)
+    raw = gym.make_vec(
+        f"ALE/{game}-v5", num_envs=args.num_envs, repeat_action_probability=args.sticky_actions,
+        noop_max=0, use_fire_reset=False, reward_clipping=False,
+    )  # fmt: skip
+    rows["ale-py AtariVectorEnv (C++, random actions)"] = bench_vec(raw, args)
+
+    for r in rows.values():
+        r["agent_steps_per_s"] = r["agent_steps"] / r["seconds"]
+        r["raw_frames_per_s"] = 4 * r["agent_steps_per_s"]
+    print(f"\n{game}, {args.num_envs} envs, sticky {args.sticky_actions}, {os.cpu_count()} CPU cores, "
+          f"ale-py {ale_py.__version__}, gymnasium {gym.__version__}\n")  # fmt: skip
+    print("| path | agent steps | seconds | agent steps/s | raw frames/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['agent_steps']} | {r['seconds']:.2f} | {r['agent_steps_per_s']:.0f} | "
+              f"{r['raw_frames_per_s']:.0f} |")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    info = dict(platform=platform.platform(), cpu_count=os.cpu_count(), ale_py=ale_py.__version__,
+                gymnasium=gym.__version__)  # fmt: skip
+    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, machine=info,
+                                        results=rows), indent=2, default=float))  # fmt: skip
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        main(args)
+    except ValueError as e:  # user mistakes (unknown game, ...) are one sentence, no traceback
+        sys.exit(f"error: {e}")

@@ -1,0 +1,250 @@
+"""Benchmark of replay.py against the machine's limits (not a test).
+
+- checkpoint load throughput: replay.py's reader vs `gzip -dc` (and np.load through gzip.open) on the same
+  100k-transition observation file of real Atari frames;
+- resident bytes per loaded transition (RSS growth / transitions) vs one 84x84 frame (7,056 B);
+- sample() at batch 32 and 512 (n=3) vs numpy copying the same bytes (obs + next_obs);
+- recording speed of the random-policy recorder (steps per second, one process).
+
+The checkpoint: `record_steps` real frames recorded with replay.record, repeated to `transitions` rows
+(gzip's 32 KB window never sees the repeat, so compression matches real data), written by replay.py.
+
+    python benchmarks/bench_replay.py            # prints a markdown table, writes benchmarks/results/
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import replay  # noqa: E402
+
+
+@dataclasses.dataclass
+class Args:
+    work_dir: str = "/tmp/bench_replay"
+    """scratch folder for the recorded and written checkpoints (reused when present)"""
+    game: str = "Breakout"
+    """game whose frames fill the checkpoint"""
+    record_steps: int = 20_000
+    """real frames recorded (random policy); repeated to --transitions rows"""
+    transitions: int = 100_000
+    """rows of the benchmark checkpoint"""
+    num_games: int = 3
+    """games sampled from (copies of the same checkpoint under other game names)"""
+    repeats: int = 50
+    """timed sample() calls per batch size (the fastest is reported, see timed())"""
+    out: str = "benchmarks/results/bench_replay.json"
+    """where the JSON results go"""
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls (after a warm-up): the least disturbed by other processes."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.min(times))
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Fastest time of each fn, calling them in turn so that background load hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.min(v)) for k, v in times.items()}
+
+
+def make_data(args: Args) -> tuple[Path, float]:
+    work = Path(args.work_dir)
+    rec_dir = work / "recorded"
+    t = time.perf_counter()
+    steps_per_s = float("nan")
+    if not replay.list_checkpoints(rec_dir / args.game / "1" / "replay_logs"):
+        replay.record(rec_dir, [args.game], capacity=args.record_steps, num_workers=1, overwrite=True)
+        steps_per_s = args.record_steps / (time.perf_counter() - t)
+    data_dir = work / "data"
+    logs = data_dir / args.game / "1" / "replay_logs"
+    if replay.list_checkpoints(logs) != [0]:
+        src = replay.read_checkpoint(rec_dir / args.game / "1" / "replay_logs", 0)
+        reps = -(-args.transitions // args.record_steps)
+        take = lambda a: np.concatenate([a] * reps)[: args.transitions]
+        replay.write_checkpoint(
+            logs,
+            0,
+            take(src["observation"]),
+            take(src["action"]),
+            take(src["reward"]),
+            take(src["terminal"]),
+            add_count=args.transitions + 12_345,
+        )
+    import atari
+
+    others = [g for g in ("Pong", "Boxing", "Seaquest", "Asterix") if g != args.game]
+    for g in others[: args.num_games - 1]:  # the same files under other names (their action sets are larger)
+        assert len(atari.legal_actions(g)) >= len(atari.legal_actions(args.game))
+        (data_dir / g).mkdir(parents=True, exist_ok=True)
+        if not (data_dir / g / "1").exists():
+            (data_dir / g / "1").symlink_to(data_dir / args.game / "1", target_is_directory=True)
+    return data_dir, steps_per_s
+
+
+def main(args: Args) -> dict:
+    data_dir, rec_sps = make_data(args)
+    obs_path = data_dir / args.game / "1" / "replay_logs" / "$store$_observation_ckpt.0.gz"
+    raw_bytes = args.transitions * replay.FRAME_BYTES
+    results: dict = {
+        "transitions": args.transitions,
+        "gz_bytes": obs_path.stat().st_size,
+        "raw_bytes": raw_bytes,
+    }
+    if rec_sps == rec_sps:
+        results["record_steps_per_s"] = rec_sps
+
+    # --- load throughput ----------------------------------------------------------------------------------
+    def ours():
+        with replay._GzipNpy(obs_path) as f:
+            f.read_all()
+
+    def np_load():
+        import gzip
+
+        with gzip.open(obs_path) as f:
+            np.load(f, allow_pickle=False)
+
+    def gzip_dc():
+        subprocess.run(f"gzip -dc '{obs_path}' > /dev/null", shell=True, check=True)
+
+    for name, fn in [("load_ours", ours), ("load_np_gzip_open", np_load)] + (
+        [("load_gzip_dc", gzip_dc)] if shutil.which("gzip") else []
+    ):
+        results[name + "_s"] = timed(fn, 3)
+
+    # --- resident memory ----------------------------------------------------------------------------------
+    games = [args.game] + [g for g in ("Pong", "Boxing", "Seaquest", "Asterix") if g != args.game][
+        : args.num_games - 1
+    ]
+    before = rss_bytes()
+    t = time.perf_counter()
+    r = replay.MultiGameReplay(data_dir, games, runs=(1,), checkpoints="nearoptimal", memory_budget_gb=16)
+    results["sampler_start_s"] = time.perf_counter() - t
+    grown = rss_bytes() - before
+    loaded = args.transitions * len(games)
+    results["resident_bytes_per_transition"] = grown / loaded
+    results["arena_bytes_per_transition"] = int(r._slot_start[-1]) * replay._ROW_BYTES / loaded
+    print(r.plan_summary())
+
+    # --- sampling vs numpy copy ---------------------------------------------------------------------------
+    rng = np.random.default_rng(0)
+    frames = r._frames_arena
+    for bs in (32, 512):
+        nbytes = 2 * bs * replay.STACK * replay.FRAME_BYTES
+        start = int(rng.integers(0, len(frames) - 2 * bs * replay.STACK))
+        src = frames[start : start + 2 * bs * replay.STACK]  # the same bytes, contiguous
+        dst = np.empty_like(src)
+        t = interleaved(
+            {
+                "sample": lambda bs=bs: r.sample(bs),
+                "copy": lambda src=src: src.copy(),
+                "copyto": lambda src=src, dst=dst: np.copyto(dst, src),
+            },
+            args.repeats,
+        )
+        results[f"sample_{bs}_s"], results[f"copy_{bs}_s"], results[f"copyto_{bs}_s"] = (
+            t["sample"],
+            t["copy"],
+            t["copyto"],
+        )
+        results[f"sample_{bs}_bytes"] = nbytes
+    r.close()
+
+    # --- report -------------------------------------------------------------------------------------------
+    mb = raw_bytes / 1e6
+    rows = [
+        (
+            "checkpoint",
+            f"{args.transitions:,} transitions, {mb:,.0f} MB raw, "
+            f"{results['gz_bytes'] / 1e6:,.1f} MB gz ({raw_bytes / results['gz_bytes']:.0f}x)",
+            "",
+        ),
+        (
+            "load, replay.py reader",
+            f"{mb / results['load_ours_s']:,.0f} MB/s",
+            f"{results['load_ours_s']:.2f} s",
+        ),
+        (
+            "load, np.load(gzip.open)",
+            f"{mb / results['load_np_gzip_open_s']:,.0f} MB/s",
+            f"{results['load_np_gzip_open_s']:.2f} s",
+        ),
+    ]
+    if "load_gzip_dc_s" in results:
+        rows.append(
+            (
+                "load, `gzip -dc > /dev/null`",
+                f"{mb / results['load_gzip_dc_s']:,.0f} MB/s",
+                f"{results['load_gzip_dc_s']:.2f} s",
+            )
+        )
+    rows += [
+        (
+            "sampler start-up (scan + load + validity)",
+            f"{len(games)} games x {args.transitions:,}",
+            f"{results['sampler_start_s']:.2f} s",
+        ),
+        (
+            "resident bytes / loaded transition (RSS)",
+            f"{results['resident_bytes_per_transition']:,.0f} B",
+            f"{results['resident_bytes_per_transition'] / replay.FRAME_BYTES:.4f} x 7,056",
+        ),
+        (
+            "arena bytes / loaded transition",
+            f"{results['arena_bytes_per_transition']:,.1f} B",
+            f"{results['arena_bytes_per_transition'] / replay.FRAME_BYTES:.4f} x 7,056",
+        ),
+    ]
+    for bs in (32, 512):
+        s, c, ct = results[f"sample_{bs}_s"], results[f"copy_{bs}_s"], results[f"copyto_{bs}_s"]
+        rows.append(
+            (
+                f"sample({bs}), n=3",
+                f"{s * 1e3:.3f} ms ({results[f'sample_{bs}_bytes'] / s / 1e9:.1f} GB/s)",
+                f"{s / c:.2f}x ndarray.copy ({c * 1e3:.3f} ms), {s / ct:.2f}x np.copyto ({ct * 1e3:.3f} ms)",
+            )
+        )
+    if "record_steps_per_s" in results:
+        rows.append(
+            ("recorder, random policy, 1 process", f"{results['record_steps_per_s']:,.0f} steps/s", "")
+        )
+    print("\n| measurement | value | reference |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,1321 @@
+"""DQN-Replay data for Scaled QL: the file format, Dopamine's sampling rules, a streaming multi-game
+sampler, and a recorder that writes new data in the same format.
+
+Paper: Kumar et al., "Offline Q-Learning on Diverse Multi-Task Data Both Scales and Generalizes" (ICLR 2023),
+Section 5 / Appendix B: one Q-network is trained on the DQN-Replay data of 40 games at once, with an equal
+share of every game in each batch; "sub-optimal" data = the first 20% of each run's checkpoints,
+"near-optimal" = all of them; fine-tuning on held-out games uses a small fraction of the data.
+
+What is here
+- The DQN-Replay format (Agarwal et al. 2020) exactly as Dopamine's `OutOfGraphReplayBuffer.save` writes
+  it: `<data_dir>/<Game>/<run>/replay_logs/{$store$_observation,$store$_action,$store$_reward,
+  $store$_terminal,add_count,invalid_range}_ckpt.<N>.gz`, each one `np.save(..., allow_pickle=False)`
+  through a gzip stream: `write_checkpoint`, `read_checkpoint`, `list_checkpoints`. Nothing is ever
+  unpickled.
+- Dopamine's sampling rules (`is_valid_transition`, `sample_index_batch`, `sample_transition_batch`),
+  vectorized: `valid_mask` and `FrameBuffer` (a single-frame circular buffer; the recorder and online
+  fine-tuning use it).
+- `MultiGameReplay`: many games x runs x checkpoints under a memory budget, sampled with an equal share per
+  game; checkpoints (or windows of them) rotate through memory, loaded ahead by a background thread.
+- The recorder, `python replay.py --help`: plays ALE (atari.make_env) with a random or epsilon-greedy
+  Q-network policy and writes DQN-Replay checkpoints.
+
+Left out: Dopamine's prioritized replay and extra storage elements (DQN-Replay has none); the paper's TPU
+input pipeline. Windows of a checkpoint (when a whole one does not fit the budget) drop the at most
+3 + n_step transitions whose frame stack or n-step window wraps around the physical end of the file.
+
+Invariants (Dopamine's, with stack size K = 4 and update horizon n; C = capacity, c = add_count % C):
+- Transition i is (frame i, action i, reward i, terminal i): the frame seen, the action taken there (an
+  index into the game's minimal action set), the clipped reward it got, and whether the episode ended
+  with it (game over, or the time-limit cut). Its state is the stack of frames i-3..i (mod C).
+- Each episode starts with K-1 = 3 padding transitions (zero frame, action 0, reward 0, terminal 0), so a
+  stack at an episode start is [0, 0, 0, first frame]. add_count counts the padding too.
+- i is valid iff (1) no terminal lies among i-3, i-2, i-1 (the first three frames of its stack);
+  (2) i is not one of the K + n indices c-n, ..., c+K-1 (mod C) around the cursor (Dopamine's
+  `invalid_range`; the newest n lack their n-step window, the next K have stacks that straddle the cursor);
+  (3) if the buffer never wrapped (add_count < C): 3 <= i < c - n.
+- Target: the n-step reward sum_{j<L} gamma^j r_{i+j} stops at the first terminal in i..i+n-1 (inclusive,
+  L = its offset + 1, else L = n); next state = stack ending at i + L; discount = gamma^n * (1 - terminal)
+  (Dopamine's cumulative_gamma * (1 - is_terminal)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+STACK = 4  # frames per state (Dopamine's stack_size; DQN-Replay was recorded with it)
+FRAME_SHAPE = (84, 84)
+FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1]  # 7,056
+STORE_PREFIX = "$store$_"
+# name -> (dtype, True if the array has one entry per transition)
+_STORE = {
+    "observation": np.dtype(np.uint8),
+    "action": np.dtype(np.int32),
+    "reward": np.dtype(np.float32),
+    "terminal": np.dtype(np.uint8),
+}
+_NAMES = [STORE_PREFIX + k for k in _STORE] + ["add_count", "invalid_range"]
+_FILE_RE = re.compile(r"^(.+)_ckpt\.(\d+)\.gz$")
+DOWNLOAD_HINT = (
+    "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
+    "or record data with `python replay.py --out-dir {d} --games <Game>`"
+)
+# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) +
+# reward (float32) + terminal (uint8) + one int32/int64 slot of the valid-index table.
+_ROW_BYTES = FRAME_BYTES + 1 + 4 + 1 + 4
+
+
+class ReplayDataError(ValueError):
+    """A problem with replay data or replay flags that the user can fix; the message says how."""
+
+
+class Batch(NamedTuple):
+    obs: np.ndarray  # uint8 [B, 4, 84, 84], oldest frame first
+    action: np.ndarray  # int64 [B], full-action-set id 0..17
+    reward: np.ndarray  # float32 [B], n-step discounted reward sum (stops at the first terminal)
+    discount: np.ndarray  # float32 [B], gamma**n, or 0 where the episode ended within n steps
+    next_obs: np.ndarray  # uint8 [B, 4, 84, 84]
+    game: np.ndarray  # int64 [B], index into the sampler's `games`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File format
+
+
+def _path(directory: str | Path, name: str, suffix: int) -> Path:
+    return Path(directory) / f"{name}_ckpt.{suffix}.gz"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _GzipNpy:
+    """One np.save'd array read out of a .gz file at zlib speed: the header first, then rows decompressed
+    straight into numpy buffers (no Python loop per element, no pickle). Raises ReplayDataError for
+    missing, truncated or corrupt files and for object dtypes."""
+
+    _IN_CHUNK = 1 << 18  # compressed bytes per read
+    _OUT_CHUNK = 1 << 20  # decompressed bytes per zlib call: small enough to copy while in cache
+
+    def __init__(self, path: Path, stop: threading.Event | None = None):
+        self.path, self._stop = path, stop
+        try:
+            self._fh = open(path, "rb")  # noqa: SIM115 (closed in close())
+        except FileNotFoundError:
+            raise ReplayDataError(f"{path} is missing: re-download or re-record this checkpoint.") from None
+        self._d = zlib.decompressobj(wbits=31)  # 31: gzip container, CRC32 checked at the end
+        self._in_chunk = 1 << 16  # small first read: headers are all that a scan needs
+        self._ended = False
+        try:
+            version = np.lib.format.read_magic(self)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ReplayDataError:
+            self.close()
+            raise
+        except (ValueError, OSError, EOFError) as e:
+            self.close()
+            raise ReplayDataError(
+                f"{path} does not hold a .npy array ({e}); re-download or re-record this checkpoint."
+            ) from None
+        if dtype.hasobject or fortran:
+            self.close()
+            raise ReplayDataError(
+                f"{path} holds an object or Fortran-order array, which DQN-Replay never writes (and which "
+                "would need pickle); re-download or re-record this checkpoint."
+            )
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def _corrupt(self, why: str) -> ReplayDataError:
+        return ReplayDataError(f"{self.path} is truncated or corrupt ({why}); re-download or re-record it.")
+
+    def _raw(self, max_len: int) -> bytes:
+        """Up to max_len (>= 1) decompressed bytes; b'' only at the clean end of the gzip stream."""
+        while True:
+            if self._stop is not None and self._stop.is_set():
+                raise _Cancelled
+            if self._d.eof:
+                data = self._d.unused_data or self._fh.read(self._in_chunk)
+                if not data.strip(b"\x00"):  # end of file (gzip tolerates zero padding)
+                    self._ended = True
+                    return b""
+                self._d = zlib.decompressobj(wbits=31)  # another gzip member
+            else:
+                data = self._d.unconsumed_tail or self._fh.read(self._in_chunk)
+                self._in_chunk = self._IN_CHUNK
+            try:
+                out = self._d.decompress(data, max_len)  # b"" input still flushes pending output
+            except zlib.error as e:
+                raise self._corrupt(str(e)) from None
+            if out:
+                return out
+            if not data and not self._d.eof:
+                raise self._corrupt("the gzip stream ends early")
+
+    def read(self, n: int) -> bytes:  # used by np.lib.format's header parser
+        parts, have = [], 0
+        while have < n:
+            out = self._raw(n - have)
+            if not out:
+                break
+            parts.append(out)
+            have += len(out)
+        return b"".join(parts)
+
+    def readinto(self, buffer: np.ndarray) -> None:
+        """Fill a C-contiguous array completely with the next bytes of the stream."""
+        mv = memoryview(buffer).cast("B")
+        pos, total = 0, len(mv)
+        while pos < total:
+            out = self._raw(min(total - pos, self._OUT_CHUNK))
+            if not out:
+                raise self._corrupt(f"the data ends after {pos:,} of {total:,} bytes")
+            mv[pos : pos + len(out)] = out
+            pos += len(out)
+
+    def skip(self, nbytes: int) -> None:
+        while nbytes > 0:
+            out = self._raw(min(nbytes, self._OUT_CHUNK))
+            if not out:
+                raise self._corrupt("the data ends early")
+            nbytes -= len(out)
+
+    def finish(self) -> None:
+        """Check that nothing follows the array and that the gzip CRC matched."""
+        if self._raw(1):
+            raise self._corrupt("extra bytes after the array")
+
+    def read_all(self) -> np.ndarray:
+        arr = np.empty(self.shape, self.dtype)
+        self.readinto(arr)
+        self.finish()
+        return arr
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _GzipNpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_small(path: Path) -> np.ndarray:
+    with _GzipNpy(path) as f:
+        return f.read_all()
+
+
+def dopamine_invalid_range(cursor: int, capacity: int, update_horizon: int, stack: int = STACK) -> np.ndarray:
+    """Dopamine's `invalid_range`: the stack + update_horizon indices c-n, ..., c+stack-1 (mod capacity)."""
+    return (cursor - update_horizon + np.arange(stack + update_horizon, dtype=np.int64)) % capacity
+
+
+def write_checkpoint(
+    directory: str | Path,
+    suffix: int,
+    observation: np.ndarray,
+    action: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    add_count: int | None = None,
+    invalid_range: np.ndarray | None = None,
+    *,
+    compresslevel: int = 6,
+) -> None:
+    """Write one DQN-Replay checkpoint (the six files) into `directory` (created if needed).
+
+    observation uint8 [C, 84, 84], action int32 [C] (minimal-set index), reward float32 [C] (clipped),
+    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once); invalid_range defaults to
+    Dopamine's for update_horizon 1 (the DQN agent that recorded DQN-Replay).
+    compresslevel: ours, 6; Dopamine's GzipFile uses 9, which is ~15x slower on Atari frames for ~10% smaller
+    files. Readers do not care.
+    """
+    import gzip
+
+    arrays = {"observation": observation, "action": action, "reward": reward, "terminal": terminal}
+    capacity = len(observation)
+    for name, arr in arrays.items():
+        dtype = _STORE[name]
+        if arr.dtype != dtype or len(arr) != capacity or (name != "observation" and arr.ndim != 1):
+            raise ReplayDataError(
+                f"write_checkpoint: {name} is {arr.dtype} {arr.shape}, expected {dtype} with {capacity} rows."
+            )
+    add_count = capacity if add_count is None else int(add_count)
+    if invalid_range is None:
+        invalid_range = dopamine_invalid_range(add_count % capacity, capacity, 1)
+    arrays |= {"add_count": np.array(add_count, np.int64), "invalid_range": np.asarray(invalid_range)}
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        file_name = STORE_PREFIX + name if name in _STORE else name
+        path = _path(directory, file_name, suffix)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz:
+            np.save(gz, np.ascontiguousarray(arr), allow_pickle=False)
+        os.replace(tmp, path)  # a killed writer never leaves a half file under the real name
+
+
+def _scan_suffixes(directory: Path) -> dict[int, set[str]]:
+    """suffix -> names of the checkpoint files present."""
+    found: dict[int, set[str]] = {}
+    if directory.is_dir():
+        for entry in os.scandir(directory):
+            m = _FILE_RE.match(entry.name)
+            if m and m.group(1) in _NAMES:
+                found.setdefault(int(m.group(2)), set()).add(m.group(1))
+    return found
+
+
+def list_checkpoints(directory: str | Path) -> list[int]:
+    """Sorted suffixes N for which all six files of checkpoint N are present in `directory`."""
+    return sorted(s for s, names in _scan_suffixes(Path(directory)).items() if len(names) == len(_NAMES))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a start-up scan learns about one checkpoint (headers and the two small arrays only)."""
+
+    directory: str
+    suffix: int
+    capacity: int  # C, rows of every store array
+    add_count: int  # transitions ever added (cursor = add_count % C)
+
+    @property
+    def num_stored(self) -> int:
+        return min(self.add_count, self.capacity)
+
+
+def _expect(f: _GzipNpy, name: str, capacity: int | None) -> int:
+    dtype = _STORE[name]
+    rows = "C" if capacity is None else str(capacity)
+    want = f"({rows}, 84, 84)" if name == "observation" else f"({rows},)"
+    ok_shape = len(f.shape) == (3 if name == "observation" else 1) and (
+        name != "observation" or f.shape[1:] == FRAME_SHAPE
+    )
+    if f.dtype != dtype or not ok_shape or (capacity is not None and f.shape[0] != capacity):
+        raise ReplayDataError(
+            f"{f.path} holds a {f.dtype} array of shape {f.shape}, expected {dtype} of shape {want}; "
+            "re-download or re-record this checkpoint."
+        )
+    return f.shape[0]
+
+
+def scan_checkpoint(directory: str | Path, suffix: int) -> CheckpointInfo:
+    """Check that checkpoint `suffix` in `directory` is complete and consistent, reading only the .npy
+    headers of the four big files and the two small arrays; raises ReplayDataError naming the file."""
+    directory = Path(directory)
+    for name in _NAMES:
+        if not _path(directory, name, suffix).is_file():
+            raise ReplayDataError(
+                f"checkpoint {suffix} in {directory} lacks {_path(directory, name, suffix).name}: "
+                f"re-download or re-record it, or leave suffix {suffix} out of the selection."
+            )
+    capacity = None
+    for name in _STORE:
+        with _GzipNpy(_path(directory, STORE_PREFIX + name, suffix)) as f:
+            capacity = _expect(f, name, capacity)
+    add_path = _path(directory, "add_count", suffix)
+    add = _load_small(add_path)
+    if add.size != 1 or add.dtype.kind not in "iu" or int(add.reshape(-1)[0]) < 0:
+        raise ReplayDataError(
+            f"{add_path} holds {add.dtype} {add.shape}, expected one non-negative integer; re-download it."
+        )
+    add_count = int(add.reshape(-1)[0])
+    if add_count == 0:
+        raise ReplayDataError(
+            f"checkpoint {suffix} in {directory} holds no transitions (add_count 0); "
+            "leave it out of the selection."
+        )
+    inv_path = _path(directory, "invalid_range", suffix)
+    inv = _load_small(inv_path)
+    horizon = inv.size - STACK
+    if (
+        inv.ndim != 1
+        or inv.dtype.kind not in "iuf"
+        or horizon < 0
+        or not np.array_equal(inv, dopamine_invalid_range(add_count % capacity, capacity, horizon))
+    ):
+        raise ReplayDataError(
+            f"{inv_path} does not match add_count {add_count} (cursor {add_count % capacity}): the files "
+            "come from different snapshots; re-download or re-record this checkpoint."
+        )
+    return CheckpointInfo(str(directory), suffix, capacity, add_count)
+
+
+def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]:
+    """Read a whole checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set
+    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n]."""
+    info = scan_checkpoint(directory, suffix)
+    out: dict[str, np.ndarray] = {}
+    for name in _STORE:
+        with _GzipNpy(_path(directory, STORE_PREFIX + name, suffix)) as f:
+            out[name] = f.read_all()
+    out["add_count"] = np.array(info.add_count, np.int64)
+    out["invalid_range"] = _load_small(_path(directory, "invalid_range", suffix)).astype(np.int64)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dopamine's rules, vectorized
+
+
+def is_valid(
+    index: np.ndarray, terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK
+) -> np.ndarray:
+    """Dopamine's is_valid_transition for an array of indices (bool, same shape); terminal uint8 [C]."""
+    capacity = len(terminal)
+    index = np.asarray(index, np.int64)
+    cursor = add_count % capacity
+    ok = (index >= 0) & (index < capacity)
+    if add_count < capacity:  # never wrapped: padding of the first episode, and the n-step window
+        ok &= (index >= stack - 1) & (index < cursor - n_step)
+    ok &= (index - (cursor - n_step)) % capacity >= stack + n_step  # not in invalid_range
+    for k in range(1, stack):  # no terminal in the first stack-1 frames of the stack
+        ok &= terminal[(index - k) % capacity] == 0
+    return ok
+
+
+def valid_mask(terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK) -> np.ndarray:
+    """bool [C]: which indices of a circular-buffer snapshot may be sampled (see the module docstring)."""
+    return is_valid(np.arange(len(terminal)), terminal, add_count, n_step, stack)
+
+
+def gather_transitions(
+    frames: np.ndarray,
+    action: np.ndarray,
+    reward: np.ndarray,
+    terminal: np.ndarray,
+    index: np.ndarray,
+    n_step: int,
+    gamma: float,
+    game: np.ndarray | int = 0,
+    action_map: np.ndarray | None = None,
+) -> Batch:
+    """Build a Batch for valid indices [B] of a store; indices wrap modulo len(frames) (circular buffer).
+
+    frames uint8 [F, 84, 84]; action/reward/terminal [F]. Stacks are gathered with np.take straight into
+    the output arrays (no Python loop over the batch). action_map maps stored actions to full-set ids.
+    """
+    index = np.asarray(index, np.int64)  # [B]
+    batch_size = len(index)
+    offsets = np.arange(1 - STACK, 1)  # [4]: oldest frame first
+    obs = np.empty((batch_size, STACK, *frames.shape[1:]), np.uint8)  # [B, 4, 84, 84]
+    np.take(frames, index[:, None] + offsets, axis=0, out=obs, mode="wrap")
+    window = index[:, None] + np.arange(n_step)  # [B, n]
+    term = np.take(terminal, window, mode="wrap") != 0  # [B, n]
+    rew = np.take(reward, window, mode="wrap")  # [B, n] float32
+    counted = np.cumsum(term, axis=1) - term == 0  # [B, n]: no terminal strictly before step j
+    powers = (gamma ** np.arange(n_step)).astype(np.float32)  # [n]
+    ret = (rew * counted * powers).sum(axis=1, dtype=np.float32)  # [B]
+    done = term.any(axis=1)  # [B]
+    length = np.where(done, term.argmax(axis=1) + 1, n_step)  # [B]
+    next_obs = np.empty_like(obs)
+    np.take(frames, (index + length)[:, None] + offsets, axis=0, out=next_obs, mode="wrap")
+    act = np.take(action, index, mode="wrap").astype(np.int64)
+    if action_map is not None:
+        act = action_map[act]
+    discount = np.where(done, 0.0, gamma**n_step).astype(np.float32)
+    games = np.broadcast_to(np.asarray(game, np.int64), (batch_size,)).copy()
+    return Batch(obs, act, ret, discount, next_obs, games)
+
+
+class FrameBuffer:
+    """Dopamine's single-frame circular replay buffer (OutOfGraphReplayBuffer) with vectorized sampling.
+
+    add(frame, action, reward, terminal) stores one transition, first adding 3 zero padding transitions
+    when the buffer is empty or the last one ended an episode. One buffer holds ONE stream of episodes:
+    with several environments, keep one FrameBuffer per environment. The recorder saves snapshots of it
+    (`save`) and online fine-tuning samples it. Sampling draws uniformly over valid indices (rejection
+    from Dopamine's index range, vectorized).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        n_step: int = 3,
+        gamma: float = 0.99,
+        action_map: Sequence[int] | np.ndarray | None = None,
+        game: int = 0,
+    ):
+        if capacity < STACK + n_step:
+            raise ValueError(f"FrameBuffer capacity {capacity} is below stack + n_step; use a larger one.")
+        self.capacity, self.n_step, self.gamma, self.game = capacity, n_step, gamma, game
+        self.action_map = None if action_map is None else np.asarray(action_map, np.int64)
+        self.frames = np.zeros((capacity, *FRAME_SHAPE), np.uint8)  # [C, 84, 84]
+        self.action = np.zeros(capacity, np.int32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.terminal = np.zeros(capacity, np.uint8)
+        self.add_count = 0
+
+    @property
+    def cursor(self) -> int:
+        return self.add_count % self.capacity
+
+    def __len__(self) -> int:
+        return min(self.add_count, self.capacity)
+
+    def _put(self, frame: np.ndarray | None, action: int, reward: float, terminal: bool) -> None:
+        c = self.cursor
+        if frame is None:
+            self.frames[c] = 0
+        else:
+            self.frames[c] = frame
+        self.action[c], self.reward[c], self.terminal[c] = action, reward, terminal
+        self.add_count += 1
+
+    def add(self, frame: np.ndarray, action: int, reward: float, terminal: bool) -> None:
+        """frame uint8 [84, 84] (the newest frame of the state), the action taken, its reward, and whether
+        the episode ended with this step (game over or time-limit cut)."""
+        if self.add_count == 0 or self.terminal[self.cursor - 1]:
+            for _ in range(STACK - 1):
+                self._put(None, 0, 0.0, False)
+        self._put(frame, action, reward, terminal)
+
+    def is_valid(self, index: np.ndarray) -> np.ndarray:
+        return is_valid(index, self.terminal, self.add_count, self.n_step)
+
+    def valid_indices(self) -> np.ndarray:
+        """int64 [V]: every index that may be sampled now."""
+        if self.add_count == 0:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(valid_mask(self.terminal, self.add_count, self.n_step))
+
+    def sample_indices(
+        self, batch_size: int, rng: np.random.Generator, max_attempts: int = 1000
+    ) -> np.ndarray:
+        c = self.cursor
+        lo = c - self.capacity + STACK - 1 if self.add_count >= self.capacity else STACK - 1
+        hi = c - self.n_step
+        if hi <= lo:
+            raise ValueError(
+                f"FrameBuffer holds {self.add_count} transitions; sampling needs more than "
+                f"{STACK + self.n_step}, add more before sampling."
+            )
+        out = np.empty(batch_size, np.int64)
+        todo = np.arange(batch_size)
+        for _ in range(max_attempts):
+            cand = rng.integers(lo, hi, size=len(todo)) % self.capacity
+            ok = self.is_valid(cand)
+            out[todo[ok]] = cand[ok]
+            todo = todo[~ok]
+            if len(todo) == 0:
+                return out
+        raise RuntimeError(f"FrameBuffer: no valid transition found in {max_attempts} attempts.")
+
+    def gather(self, index: np.ndarray) -> Batch:
+        return gather_transitions(
+            self.frames, self.action, self.reward, self.terminal, index, self.n_step, self.gamma,
+            self.game, self.action_map,
+        )  # fmt: skip
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        """A Batch of `batch_size` transitions drawn uniformly over the valid indices."""
+        return self.gather(self.sample_indices(batch_size, rng))
+
+    def save(self, directory: str | Path, suffix: int, **kwargs: Any) -> None:
+        """Write the buffer as DQN-Replay checkpoint `suffix` (invalid_range for update_horizon 1)."""
+        write_checkpoint(
+            directory, suffix, self.frames, self.action, self.reward, self.terminal, self.add_count, **kwargs
+        )
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, suffix: int, **kwargs: Any) -> FrameBuffer:
+        data = read_checkpoint(directory, suffix)
+        buf = cls(len(data["observation"]), **kwargs)
+        buf.frames, buf.action, buf.reward = data["observation"], data["action"], data["reward"]
+        buf.terminal, buf.add_count = data["terminal"], int(data["add_count"])
+        return buf
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset selection
+
+
+def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], where: str = "") -> list[int]:
+    """Which checkpoint suffixes of one run make the data set.
+
+    "suboptimal": the first 20% of the run's checkpoints, max(1, N // 5) of them (ours: rounded down;
+    DQN-Replay's 51 checkpoints 0..50 give 0..9); "nearoptimal": all; or an explicit list of suffixes
+    (or a string "0,1,5").
+    """
+    available = sorted(available)
+    if isinstance(checkpoints, str) and checkpoints not in ("suboptimal", "nearoptimal"):
+        try:
+            checkpoints = [int(s) for s in checkpoints.split(",") if s.strip()]
+        except ValueError:
+            raise ReplayDataError(
+                f"checkpoints {checkpoints!r} is not suboptimal, nearoptimal or suffixes like 0,1,2."
+            ) from None
+    if checkpoints == "suboptimal":
+        return available[: max(1, len(available) // 5)]
+    if checkpoints == "nearoptimal":
+        return available
+    chosen = sorted({int(s) for s in checkpoints})
+    missing = [s for s in chosen if s not in available]
+    if missing:
+        raise ReplayDataError(
+            f"checkpoint suffixes {missing} are not in {where} (found {available}); pick from those."
+        )
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A contiguous range [lo, hi) of one checkpoint's indices (physical file order) that gets loaded."""
+
+    game: int
+    run: int
+    suffix: int
+    lo: int
+    hi: int
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.game, self.run, self.suffix)
+
+    def to_list(self) -> list[int]:
+        return [self.game, self.run, self.suffix, self.lo, self.hi]
+
+
+def _frame_range(info: CheckpointInfo, lo: int, hi: int, n_step: int) -> tuple[int, int]:
+    """Frames [vlo, vhi) (indices may run past the file ends = circular wrap) that piece [lo, hi) needs."""
+    full = info.add_count >= info.capacity
+    if full and lo == 0 and hi == info.capacity:  # a whole circular buffer: pad with its wrapped frames
+        return 1 - STACK, info.capacity + n_step
+    return max(0, lo - (STACK - 1)), min(info.num_stored, hi + n_step)
+
+
+def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(lo, hi, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The multi-game sampler
+
+
+class _Job:
+    """A background load (daemon thread) whose result the learner collects at a fixed sample count."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # handed to the learner at the swap
+            self.error = e
+        finally:
+            self.done.set()
+
+
+class MultiGameReplay:
+    """Samples DQN-Replay transitions of several games, an equal share of each game per batch.
+
+    Data: `<data_dir>/<Game>/<run>/replay_logs/`, the checkpoints chosen by `checkpoints` (see
+    select_suffixes) of each run in `runs`; `fraction` keeps the first fraction (file order) of each
+    selected checkpoint's stored transitions (for fine-tuning with little data).
+
+    Distributed: rank r of world_size (default: torch.distributed if initialized) takes every world_size-th
+    checkpoint of each game, or, if a game has fewer checkpoints than ranks, every world_size-th of equal
+    windows of them, so ranks see disjoint data.
+
+    Memory (per process): all of this rank's data stays resident if it fits in memory_budget_gb. Otherwise
+    every game gets a slot of budget / (G + 1) bytes, filled with a set of whole checkpoints, or windows of
+    one when a checkpoint does not fit, and one spare slot of the same size: a background thread loads the
+    next set of one game into the spare slot, and every reload_every // G_rotating sample() calls the next
+    rotating game swaps in its new set (round-robin), so each game's set changes every reload_every calls
+    and the overhead is 1/G of the budget. Swaps happen at fixed sample counts (if the thread is late, the
+    learner waits and stats() counts it). A checkpoint found corrupt by the thread is reported (warning),
+    excluded and replaced by the next set of that game; errors at start-up stop the run.
+
+    Sampling: batch_size // G transitions per game, the batch_size % G extra ones to games in rotating
+    order; within a game, uniform over the valid transitions of its loaded set (Dopamine's rules). Static
+    shapes; obs and next_obs gathered with one np.take each.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        games: Sequence[str],
+        *,
+        runs: Sequence[int] = (1, 2, 3, 4, 5),
+        checkpoints: str | Sequence[int] = "suboptimal",
+        fraction: float = 1.0,
+        n_step: int = 3,
+        gamma: float = 0.99,
+        memory_budget_gb: float = 32.0,  # ours: per process
+        reload_every: int = 50_000,  # ours: sample() calls between two sets of the same game
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        verbose: bool = False,
+    ):
+        import atari  # lazy: only the sampler needs the action sets
+
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size}); pass a matching pair.")
+        if not 0.0 < fraction <= 1.0:
+            raise ReplayDataError(f"fraction {fraction} must be in (0, 1].")
+        if n_step < 1 or not 0.0 <= gamma <= 1.0:
+            raise ReplayDataError(f"n_step {n_step} must be >= 1 and gamma {gamma} in [0, 1].")
+        if reload_every < 1 or memory_budget_gb <= 0:
+            raise ReplayDataError("reload_every must be >= 1 and memory_budget_gb > 0.")
+        if len(games) == 0 or len(set(games)) != len(games):
+            raise ReplayDataError(f"games {list(games)} must be a non-empty list without repeats.")
+        self.data_dir = Path(data_dir)
+        try:
+            self.games = [atari.check_game(g) for g in games]
+        except ValueError as e:
+            raise ReplayDataError(str(e)) from None
+        self.runs, self.checkpoints, self.fraction = tuple(int(r) for r in runs), checkpoints, fraction
+        self.n_step, self.gamma, self.seed = n_step, gamma, seed
+        self.rank, self.world_size, self.reload_every = rank, world_size, reload_every
+        self.budget_bytes = int(memory_budget_gb * 2**30)
+        self._action_map = [np.asarray(atari.legal_actions(g), np.int64) for g in self.games]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._job: _Job | None = None
+        self._infos: dict[tuple[int, int, int], CheckpointInfo] = {}
+        self._excluded: set[tuple[int, int, int]] = set()
+        self._stats = {"reloads": 0, "reload_waits": 0, "reload_wait_s": 0.0, "excluded_checkpoints": 0}
+
+        self._pieces = self._plan_pieces()  # per game: this rank's units (checkpoints or windows)
+        self._plan_memory()
+        self._calls = 0
+        self._rng = np.random.default_rng(seed)
+        self._phase = [0] * len(self.games)
+        self._loaded: list[list[Piece]] = [[] for _ in self.games]
+        for g in range(len(self.games)):  # start-up: errors stop the run
+            self._load_into_slot(self._game_slot[g], self._set_for(g, 0))
+            self._loaded[g] = self._set_for(g, 0)
+        self._next_event = 1
+        self._submit_next()
+        if verbose:
+            print(self.plan_summary())
+
+    # --- planning ---------------------------------------------------------------------------------------
+
+    def _plan_pieces(self) -> list[list[Piece]]:
+        d = self.data_dir
+        hint = DOWNLOAD_HINT.format(d=d)
+        if not d.is_dir():
+            raise ReplayDataError(f"data dir {d} does not exist: {hint}.")
+        if not any(p.is_dir() for p in d.iterdir()):
+            raise ReplayDataError(f"data dir {d} is empty: {hint}.")
+        pieces: list[list[Piece]] = []
+        for g, game in enumerate(self.games):
+            game_dir = d / game
+            if not game_dir.is_dir():
+                have = sorted(p.name for p in d.iterdir() if p.is_dir())
+                raise ReplayDataError(
+                    f"no data for game {game} in {d} (it has {', '.join(have)}): "
+                    + DOWNLOAD_HINT.format(d=d).replace("<Game>", game)
+                    + "."
+                )
+            units: list[tuple[CheckpointInfo, int, int, int]] = []  # (info, run, lo, hi)
+            for run in self.runs:
+                logs = game_dir / str(run) / "replay_logs"
+                found = _scan_suffixes(logs)
+                if not found:
+                    have = sorted(p.name for p in game_dir.iterdir() if (p / "replay_logs").is_dir())
+                    raise ReplayDataError(
+                        f"no checkpoints in {logs} (runs found for {game}: {', '.join(have) or 'none'}): "
+                        f"pass runs that exist, or {hint.replace('<Game>', game)}."
+                    )
+                for suffix in select_suffixes(sorted(found), self.checkpoints, str(logs)):
+                    info = scan_checkpoint(logs, suffix)
+                    if info.capacity < STACK + self.n_step + 1:
+                        raise ReplayDataError(
+                            f"checkpoint {suffix} in {logs} holds {info.capacity} rows, too few for stacks of"
+                            f" {STACK} and n_step {self.n_step}; leave it out of the selection."
+                        )
+                    self._infos[(g, run, suffix)] = info
+                    hi = max(1, round(self.fraction * info.num_stored))
+                    units.append((info, run, 0, hi))
+            if len(units) < self.world_size:  # fewer checkpoints than ranks: disjoint windows of them
+                k = math.ceil(self.world_size / len(units))
+                units = [(i, r, a, b) for (i, r, lo, hi) in units for a, b in _split(lo, hi, k)]
+            mine = [Piece(g, r, i.suffix, lo, hi) for (i, r, lo, hi) in units[self.rank :: self.world_size]]
+            if not mine:
+                raise ReplayDataError(
+                    f"{game} has too little data to give each of {self.world_size} ranks a share; "
+                    "use fewer processes or more checkpoints."
+                )
+            pieces.append(mine)
+        return pieces
+
+    def _frames(self, p: Piece) -> int:
+        vlo, vhi = _frame_range(self._infos[p.key()], p.lo, p.hi, self.n_step)
+        return vhi - vlo
+
+    def _plan_memory(self) -> None:
+        G = len(self.games)
+        need = [sum(self._frames(p) for p in ps) for ps in self._pieces]
+        self.static = sum(need) * _ROW_BYTES <= self.budget_bytes
+        if self.static:
+            sizes, self._slot_frames = need, max(need)
+            self._sets = [[list(ps)] for ps in self._pieces]
+        else:
+            slot = self.budget_bytes // ((G + 1) * _ROW_BYTES)
+            window = slot - (STACK - 1) - self.n_step
+            if window < STACK + self.n_step:  # a window must be able to hold a valid transition
+                min_gb = (G + 1) * (2 * STACK + 2 * self.n_step) * _ROW_BYTES / 2**30
+                raise ReplayDataError(f"memory_budget_gb is too small for {G} games; use >= {min_gb:.6f}.")
+            self._slot_frames = slot
+            for g, ps in enumerate(self._pieces):  # windows of the checkpoints that do not fit a slot
+                split = []
+                for p in ps:
+                    if self._frames(p) <= slot:
+                        split.append(p)
+                    else:
+                        parts = math.ceil((p.hi - p.lo) / window)
+                        split += [dataclasses.replace(p, lo=a, hi=b) for a, b in _split(p.lo, p.hi, parts)]
+                self._pieces[g] = split
+            self._sets = [self._pack(g, set()) for g in range(G)]
+            sizes = [min(need[g], slot) if len(self._sets[g]) == 1 else slot for g in range(G)]
+        self._rotating = [g for g in range(G) if len(self._sets[g]) > 1]
+        if self._rotating:
+            sizes = sizes + [self._slot_frames]  # the spare slot
+            self._interval = max(1, self.reload_every // len(self._rotating))
+        self._slot_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        total = int(self._slot_start[-1])
+        self._game_slot = list(range(G))
+        self._spare = G if self._rotating else None
+        self._frames_arena = np.empty((total, *FRAME_SHAPE), np.uint8)  # [F, 84, 84], touched when loaded
+        self._action = np.zeros(total, np.uint8)  # full-set ids
+        self._reward = np.zeros(total, np.float32)
+        self._terminal = np.zeros(total, np.uint8)
+        self._valid = np.zeros(total, np.int32 if total < 2**31 else np.int64)  # per slot: positions
+        self._slot_valid = np.zeros(len(sizes), np.int64)
+
+    def _pack(self, g: int, excluded: set[tuple[int, int, int]]) -> list[list[Piece]]:
+        """Group game g's pieces (minus excluded checkpoints) into sets that fit one slot, in a seeded
+        shuffled order."""
+        ps = [p for p in self._pieces[g] if p.key() not in excluded]
+        order = np.random.default_rng([self.seed, g]).permutation(len(ps))
+        sets: list[list[Piece]] = []
+        size = 0
+        for i in order:
+            f = self._frames(ps[i])
+            if not sets or size + f > self._slot_frames:
+                sets.append([])
+                size = 0
+            sets[-1].append(ps[i])
+            size += f
+        return sets
+
+    def _set_for(self, g: int, phase: int) -> list[Piece]:
+        """The set of pieces game g holds in its `phase`-th period (each pass over the sets in a new
+        seeded order)."""
+        with self._lock:
+            sets = self._pack(g, self._excluded) if self._excluded else self._sets[g]
+        if not sets:
+            raise ReplayDataError(
+                f"every checkpoint of {self.games[g]} was excluded as corrupt; re-download its data."
+            )
+        if len(sets) == 1:
+            return sets[0]
+        perm = np.random.default_rng([self.seed, g, phase // len(sets)]).permutation(len(sets))
+        return sets[perm[phase % len(sets)]]
+
+    # --- loading ---------------------------------------------------------------------------------------
+
+    def _load_piece(self, p: Piece, at: int) -> tuple[int, np.ndarray]:
+        """Load piece p into arena rows starting at `at`; returns (rows used, arena positions of its valid
+        transitions)."""
+        info = self._infos[p.key()]
+        d, s, C = Path(info.directory), info.suffix, info.capacity
+        vlo, vhi = _frame_range(info, p.lo, p.hi, self.n_step)
+        small = {}
+        for name in ("action", "reward", "terminal"):
+            with _GzipNpy(_path(d, STORE_PREFIX + name, s), self._stop) as f:
+                _expect(f, name, C)
+                small[name] = f.read_all()
+        if small["action"].min() < 0 or small["action"].max() >= len(self._action_map[p.game]):
+            raise ReplayDataError(
+                f"{_path(d, STORE_PREFIX + 'action', s)} holds actions outside {self.games[p.game]}'s "
+                f"{len(self._action_map[p.game])} legal actions: is this another game's data?"
+            )
+        frames = self._frames_arena[at : at + vhi - vlo]  # [vhi - vlo, 84, 84]
+        a, b = max(vlo, 0), min(vhi, C)  # rows read from the file
+        with _GzipNpy(_path(d, STORE_PREFIX + "observation", s), self._stop) as f:
+            _expect(f, "observation", C)
+            f.skip(a * FRAME_BYTES)
+            f.readinto(frames[a - vlo : b - vlo])
+            if b == C:
+                f.finish()
+        if vlo < 0:  # circular: the last frames precede index 0, the first ones follow index C-1
+            frames[:-vlo] = frames[C : C - vlo]
+            frames[C - vlo :] = frames[-vlo : -vlo + vhi - C]
+        phys = np.arange(vlo, vhi) % C
+        rows = slice(at, at + vhi - vlo)
+        self._action[rows] = self._action_map[p.game][small["action"][phys]]
+        self._reward[rows] = small["reward"][phys]
+        self._terminal[rows] = small["terminal"][phys]
+        i = np.arange(p.lo, p.hi)
+        ok = valid_mask(small["terminal"], info.add_count, self.n_step)[i]
+        ok &= (i - (STACK - 1) >= vlo) & (i + self.n_step < vhi)  # stack and n-step window are loaded
+        return vhi - vlo, at + (i[ok] - vlo)
+
+    def _load_into_slot(self, slot: int, pieces: list[Piece]) -> None:
+        at, positions = int(self._slot_start[slot]), []
+        for p in pieces:
+            try:
+                used, pos = self._load_piece(p, at)
+            except ReplayDataError as e:
+                e.piece = p  # type: ignore[attr-defined]
+                raise
+            at += used
+            positions.append(pos)
+        pos = np.concatenate(positions)
+        if len(pos) == 0:
+            e = ReplayDataError(
+                f"nothing left to sample for {self.games[pieces[0].game]} after selection (checkpoints "
+                f"{sorted({(p.run, p.suffix) for p in pieces})}, fraction {self.fraction}); select more data."
+            )
+            e.piece = pieces[0]  # type: ignore[attr-defined]
+            raise e
+        start = int(self._slot_start[slot])
+        self._valid[start : start + len(pos)] = pos
+        self._slot_valid[slot] = len(pos)
+
+    def _load_next(self, g: int, phase: int, slot: int) -> list[Piece] | None:
+        """Background job: load game g's set for `phase` into `slot`; a corrupt checkpoint is reported,
+        excluded and replaced by the next set. None when the set equals the loaded one."""
+        while True:
+            pieces = self._set_for(g, phase)
+            if pieces == self._loaded[g]:
+                return None
+            try:
+                self._load_into_slot(slot, pieces)
+                return pieces
+            except ReplayDataError as e:
+                bad = e.piece.key()  # type: ignore[attr-defined]
+                warnings.warn(
+                    f"replay: {e} Excluding {self.games[g]} run {bad[1]} checkpoint {bad[2]} and going on.",
+                    stacklevel=1,
+                )
+                with self._lock:
+                    self._excluded.add(bad)
+                    self._stats["excluded_checkpoints"] = len(self._excluded)
+
+    def _event_game(self, k: int) -> int:
+        return self._rotating[(k - 1) % len(self._rotating)]
+
+    def _submit_next(self) -> None:
+        if not self._rotating:
+            return
+        g = self._event_game(self._next_event)
+        phase, slot = self._phase[g] + 1, self._spare
+        self._job = _Job(lambda: self._load_next(g, phase, slot))
+
+    def _swap(self) -> None:
+        job, g = self._job, self._event_game(self._next_event)
+        if not job.done.is_set():
+            self._stats["reload_waits"] += 1
+            t0 = time.perf_counter()
+            job.done.wait()
+            self._stats["reload_wait_s"] += time.perf_counter() - t0
+        if job.error is not None:
+            raise job.error
+        self._phase[g] += 1
+        if job.result is not None:
+            self._game_slot[g], self._spare = self._spare, self._game_slot[g]
+            self._loaded[g] = job.result
+            self._stats["reloads"] += 1
+        self._next_event += 1
+        self._submit_next()
+
+    # --- sampling ---------------------------------------------------------------------------------------
+
+    def sample(self, batch_size: int) -> Batch:
+        """batch_size transitions (this rank's batch): batch_size // G per game plus rotating extras."""
+        G = len(self.games)
+        if batch_size < G:
+            raise ValueError(
+                f"batch_size {batch_size} is smaller than the {G} games; every batch needs each game, "
+                f"use at least {G}."
+            )
+        if self._rotating and self._calls == self._next_event * self._interval:
+            self._swap()
+        counts = np.full(G, batch_size // G, np.int64)
+        extra = batch_size % G
+        counts[(self._calls * extra + np.arange(extra)) % G] += 1
+        game = np.repeat(np.arange(G), counts)  # [B]
+        slot = np.asarray(self._game_slot)[game]  # [B]
+        choice = self._rng.integers(0, self._slot_valid[slot])  # [B], uniform within each game
+        pos = self._valid[self._slot_start[slot] + choice]  # [B] arena rows
+        self._calls += 1
+        return gather_transitions(
+            self._frames_arena, self._action, self._reward, self._terminal, pos, self.n_step, self.gamma, game
+        )
+
+    # --- state, stats, summary ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-typed state (cheap; fine to take after every batch): with load_state_dict, the next
+        batches after a restart equal those of an uninterrupted run."""
+        with self._lock:
+            excluded = sorted(list(k) for k in self._excluded)
+        return {
+            "games": list(self.games),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "calls": self._calls,
+            "rng": self._rng.bit_generator.state,
+            "phase": list(self._phase),
+            "next_event": self._next_event,
+            "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
+            "excluded": excluded,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["games"]) != self.games or (state["rank"], state["world_size"]) != (
+            self.rank,
+            self.world_size,
+        ):
+            raise ReplayDataError(
+                "replay state is from other games or another rank/world size; resume with the same settings."
+            )
+        self._cancel_job()
+        with self._lock:
+            self._excluded = {tuple(k) for k in state["excluded"]}
+            self._stats["excluded_checkpoints"] = len(self._excluded)
+        for g, ps in enumerate(state["loaded"]):
+            pieces = [Piece(*p) for p in ps]
+            if any(p.key() not in self._infos for p in pieces):
+                raise ReplayDataError(
+                    "replay state names checkpoints outside this selection; resume with the same one."
+                )
+            if pieces != self._loaded[g]:
+                self._load_into_slot(self._game_slot[g], pieces)
+                self._loaded[g] = pieces
+        self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
+        self._next_event = int(state["next_event"])
+        self._rng.bit_generator.state = state["rng"]
+        self._submit_next()
+
+    def stats(self) -> dict[str, Any]:
+        """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
+        per_game = {game: int(self._slot_valid[self._game_slot[g]]) for g, game in enumerate(self.games)}
+        with self._lock:
+            out = dict(self._stats)
+        return {"loaded_transitions": sum(per_game.values()), **out, "loaded_per_game": per_game}
+
+    def plan_summary(self) -> str:
+        G = len(self.games)
+        lines = [
+            f"replay plan (rank {self.rank}/{self.world_size}): {G} games x runs {list(self.runs)} x "
+            f"checkpoints {self.checkpoints!r}, fraction {self.fraction}, n_step {self.n_step}"
+        ]
+        for g, game in enumerate(self.games):
+            ckpts = sorted({(p.run, p.suffix) for p in self._pieces[g]})
+            n = sum(p.hi - p.lo for p in self._pieces[g])
+            lines.append(
+                f"  {game}: {len(ckpts)} checkpoints, {n:,} transitions ({n * FRAME_BYTES / 2**30:.2f} GiB "
+                f"of frames), {len(self._sets[g])} set(s) of up to {self._slot_frames:,} frames"
+            )
+        arena = int(self._slot_start[-1]) * _ROW_BYTES
+        lines.append(
+            f"  memory: {arena / 2**30:.2f} GiB resident of {self.budget_bytes / 2**30:.2f} GiB budget "
+            f"({_ROW_BYTES:,} B per loaded transition)"
+        )
+        if self._rotating:
+            lines.append(
+                f"  streaming: {len(self._rotating)} games rotate; every {self._interval:,} samples one game "
+                f"swaps in its next set (each game every ~{self._interval * len(self._rotating):,}), "
+                "loaded ahead by a background thread into one spare slot"
+            )
+        else:
+            lines.append("  static: all selected data is resident, no reloads")
+        return "\n".join(lines)
+
+    def _cancel_job(self) -> None:
+        if self._job is not None:
+            self._stop.set()
+            self._job.done.wait()
+            self._stop.clear()
+            self._job = None
+
+    def close(self) -> None:
+        """Stop the background loader."""
+        self._cancel_job()
+
+    def __del__(self) -> None:
+        if getattr(self, "_job", None) is not None:
+            self._stop.set()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recorder: play ALE, write DQN-Replay checkpoints
+
+_progress_counter: Any = None  # a multiprocessing.Value in worker processes
+
+
+def _worker_init(counter: Any) -> None:
+    global _progress_counter
+    _progress_counter = counter
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _make_policy(
+    policy: str, game: str, legal: list[int], epsilon: float, rng: np.random.Generator
+) -> Callable[[np.ndarray], int]:
+    """obs uint8 [4, 84, 84] -> minimal-set action index."""
+    if policy == "random":
+        return lambda obs: int(rng.integers(len(legal)))
+    import torch  # lazy: the random policy needs no torch
+
+    import resnet
+
+    ckpt = torch.load(policy, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"model", "net_config", "games"} <= set(ckpt):
+        raise ReplayDataError(f"--policy {policy} is not a checkpoint saved by cql_multigame.py; pass one.")
+    if game not in list(ckpt["games"]):
+        raise ReplayDataError(
+            f"--policy {policy} has no head for {game} (it knows {', '.join(ckpt['games'])}); "
+            "record other games or use --policy random."
+        )
+    net = resnet.QNetwork(**ckpt["net_config"])
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    head = torch.tensor([list(ckpt["games"]).index(game)])
+    run_args = ckpt.get("args", {}) or {}
+    # ours: the support of cql_multigame.py's Args (C51 default [-10, 10]) when the checkpoint lacks it
+    support = torch.linspace(
+        float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0)), net.num_atoms
+    )  # [K]
+    legal_t = torch.as_tensor(legal)
+
+    def act(obs: np.ndarray) -> int:
+        if rng.random() < epsilon:
+            return int(rng.integers(len(legal)))
+        with torch.no_grad():
+            logits = net(torch.from_numpy(obs[None]), head)  # [1, 18, K]
+            q = (logits.softmax(-1) * support).sum(-1)[0]  # [18]
+        return int(q[legal_t].argmax())
+
+    return act
+
+
+def _record_one(job: dict[str, Any], report: Callable[[int], None] | None = None) -> str:
+    """Record num_checkpoints snapshots of one (game, run) stream; returns the replay_logs directory."""
+    if job["policy"] == "random":
+        return _record_stream(job, report)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ours: batch-1 acting is ~100x faster on one thread than on several
+    try:
+        return _record_stream(job, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _record_stream(job: dict[str, Any], report: Callable[[int], None] | None) -> str:
+    import atari
+
+    game, logs = job["game"], Path(job["logs"])
+    ss = np.random.SeedSequence([job["seed"], job["run"], job["game_index"]])
+    env_seed, policy_seed = (int(x) for x in ss.generate_state(2) % 2**31)
+    rng = np.random.default_rng(policy_seed)
+    legal = atari.legal_actions(game)
+    policy = _make_policy(job["policy"], game, legal, job["epsilon"], rng)
+    env = atari.make_env(
+        game, sticky_actions=job["sticky_actions"], seed=env_seed, max_episode_steps=job["max_episode_steps"]
+    )
+    buf = FrameBuffer(job["capacity"], n_step=1)
+    obs, _ = env.reset()  # [4, 84, 84]
+    pending = 0
+    for k in range(job["num_checkpoints"]):
+        for _ in range(job["capacity"]):  # a snapshot after every `capacity` agent steps, as DQN-Replay
+            a = policy(obs)
+            next_obs, reward, terminated, truncated, _ = env.step(legal[a])
+            done = terminated or truncated  # the time-limit cut is a terminal in DQN-Replay too
+            buf.add(obs[-1], a, float(np.clip(reward, -1.0, 1.0)), done)
+            obs = env.reset()[0] if done else next_obs
+            pending += 1
+            if pending == 1000:
+                if report is not None:
+                    report(pending)
+                elif _progress_counter is not None:
+                    with _progress_counter.get_lock():
+                        _progress_counter.value += pending
+                pending = 0
+        buf.save(logs, k)
+    env.close()
+    if report is not None:
+        report(pending)
+    elif _progress_counter is not None:
+        with _progress_counter.get_lock():
+            _progress_counter.value += pending
+    return str(logs)
+
+
+def record(
+    out_dir: str | Path,
+    games: Sequence[str],
+    runs: Sequence[int] = (1,),
+    *,
+    num_checkpoints: int = 1,
+    capacity: int = 100_000,
+    policy: str = "random",
+    epsilon: float = 0.01,
+    seed: int = 0,
+    sticky_actions: float = 0.25,
+    max_episode_steps: int = 27_000,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Play each game under `policy` and write DQN-Replay checkpoints to <out_dir>/<Game>/<run>/replay_logs/.
+
+    Each (game, run) is one stream of episodes through one FrameBuffer of `capacity` transitions;
+    checkpoint k is its snapshot after (k+1) * capacity agent steps (so, as in DQN-Replay, consecutive
+    checkpoints hold disjoint data and the padding puts the cursor mid-buffer). Rewards are clipped to
+    [-1, 1]; game over and the max_episode_steps cut are both terminal. num_workers processes record
+    (game, run) pairs in parallel (0: one per pair, at most the CPU count). Returns the directories.
+    """
+    import atari
+
+    try:
+        games = [atari.check_game(g) for g in games]
+    except ValueError as e:
+        raise ReplayDataError(str(e)) from None
+    if capacity < 2 * STACK or num_checkpoints < 1:
+        raise ReplayDataError(f"capacity {capacity} must be >= {2 * STACK} and num_checkpoints >= 1.")
+    if policy != "random" and not Path(policy).is_file():
+        raise ReplayDataError(f"--policy {policy} is neither 'random' nor an existing checkpoint file.")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ReplayDataError(f"--epsilon {epsilon} must be in [0, 1].")
+    jobs = []
+    for gi, game in enumerate(games):
+        for run in runs:
+            logs = Path(out_dir) / game / str(run) / "replay_logs"
+            if _scan_suffixes(logs) and not overwrite:
+                raise ReplayDataError(
+                    f"{logs} already holds checkpoints; pass --overwrite or other --out-dir."
+                )
+            jobs.append(
+                dict(
+                    game=game, game_index=gi, run=int(run), logs=str(logs), seed=seed, policy=policy,
+                    epsilon=epsilon, capacity=capacity, num_checkpoints=num_checkpoints,
+                    sticky_actions=sticky_actions, max_episode_steps=max_episode_steps,
+                )
+            )  # fmt: skip
+    from tqdm import tqdm
+
+    total = len(jobs) * num_checkpoints * capacity
+    bar = tqdm(total=total, desc="recording", unit="step", disable=not progress, smoothing=0.1)
+    workers = min(len(jobs), os.cpu_count() or 1) if num_workers <= 0 else min(num_workers, len(jobs))
+    try:
+        if workers <= 1:
+            out = [_record_one(j, bar.update) for j in jobs]
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            # fork is fastest and the random policy never touches torch; a Q-network policy needs spawn
+            # (torch threads in the parent), which re-imports the caller's main module in the children
+            use_fork = policy == "random" and "fork" in multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if use_fork else "spawn")
+            counter = ctx.Value("q", 0)
+            with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_worker_init, initargs=(counter,)
+            ) as pool:
+                futures = [pool.submit(_record_one, j) for j in jobs]
+                while not all(f.done() for f in futures):
+                    concurrent.futures.wait(futures, timeout=0.5)
+                    bar.update(counter.value - bar.n)
+                out = [f.result() for f in futures]
+                bar.update(counter.value - bar.n)
+    finally:
+        bar.close()
+    return [Path(p) for p in out]
+
+
+@dataclasses.dataclass
+class Args:
+    """Record DQN-Replay-format data: python replay.py --out-dir data/demo --games Pong Breakout"""
+
+    out_dir: str = "data/recorded"
+    """folder that receives <Game>/<run>/replay_logs/ (the layout of gs://atari-replay-datasets/dqn)"""
+    games: tuple[str, ...] = ("Pong",)
+    """games to record (ALE / DQN-Replay names, e.g. MsPacman)"""
+    runs: tuple[int, ...] = (1,)
+    """run folder names; each run is an independent stream with its own seed"""
+    num_checkpoints: int = 1
+    """snapshots per run (DQN-Replay: 51, suffixes 0..50)"""
+    capacity: int = 100_000
+    """transitions per checkpoint = agent steps between snapshots (DQN-Replay: 1,000,000)"""
+    policy: str = "random"
+    """behavior policy: random (uniform over legal actions) or a checkpoint.pt of cql_multigame.py"""
+    epsilon: float = 0.01
+    """random-action probability of the Q-network policy (ours: DQN's final training epsilon)"""
+    seed: int = 0
+    """seed of the environments and the policy"""
+    sticky_actions: float = 0.25
+    """ALE repeat-action probability (DQN-Replay: 0.25)"""
+    max_episode_steps: int = 27_000
+    """time limit in agent steps; the cut is stored as a terminal (DQN-Replay: 27,000)"""
+    num_workers: int = 0
+    """processes recording (game, run) pairs in parallel (0: one per pair, up to the CPU count)"""
+    overwrite: bool = False
+    """replace checkpoints that already exist in --out-dir"""
+
+
+def main(args: Args) -> None:
+    try:
+        dirs = record(
+            args.out_dir, args.games, args.runs, num_checkpoints=args.num_checkpoints, capacity=args.capacity,
+            policy=args.policy, epsilon=args.epsilon, seed=args.seed, sticky_actions=args.sticky_actions,
+            max_episode_steps=args.max_episode_steps, num_workers=args.num_workers, overwrite=args.overwrite,
+        )  # fmt: skip
+    except ReplayDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for d in dirs:
+        print(f"wrote {d} (checkpoints {list_checkpoints(d)})")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

@@ -1,0 +1,660 @@
+"""Tests for replay.py: the DQN-Replay format, Dopamine's validity and n-step rules against a slow per-index
+transcription of Dopamine written here, equal game shares, selection, streaming, resume, distributed shares,
+every bad-input error, and the recorder."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import atari
+import replay
+
+REPO = Path(__file__).resolve().parents[1]
+GAMES = ("Pong", "Breakout")  # 6 and 4 legal actions
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+class RefBuffer:
+    """Dopamine's OutOfGraphReplayBuffer (add / is_valid_transition / sample_transition_batch), one index
+    at a time, transcribed without vectorization."""
+
+    def __init__(self, capacity, stack=4):
+        self.C, self.K = capacity, stack
+        self.obs = np.zeros((capacity, 84, 84), np.uint8)
+        self.action = np.zeros(capacity, np.int32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.terminal = np.zeros(capacity, np.uint8)
+        self.add_count = 0
+
+    def cursor(self):
+        return self.add_count % self.C
+
+    def _add(self, o, a, r, t):
+        c = self.cursor()
+        self.obs[c], self.action[c], self.reward[c], self.terminal[c] = o, a, r, t
+        self.add_count += 1
+
+    def add(self, o, a, r, t):
+        if self.add_count == 0 or self.terminal[self.cursor() - 1] == 1:
+            for _ in range(self.K - 1):
+                self._add(np.zeros((84, 84), np.uint8), 0, 0.0, 0)
+        self._add(o, a, r, t)
+
+    def invalid_range(self, n):
+        return [(self.cursor() - n + i) % self.C for i in range(self.K + n)]
+
+    def is_valid(self, index, n):
+        if index < 0 or index >= self.C:
+            return False
+        if self.add_count < self.C:
+            if index >= self.cursor() - n:
+                return False
+            if index < self.K - 1:
+                return False
+        if index in set(self.invalid_range(n)):
+            return False
+        stack = [self.terminal[(index - self.K + 1 + j) % self.C] for j in range(self.K)]
+        return not any(stack[:-1])
+
+    def transition(self, index, n, gamma):
+        traj = [(index + j) % self.C for j in range(n)]
+        terms = self.terminal[traj]
+        is_terminal = bool(terms.any())
+        length = int(np.argmax(terms.astype(bool))) + 1 if is_terminal else n
+        disc = np.array([gamma**j for j in range(length)], np.float32)
+        rew = np.array([self.reward[(index + j) % self.C] for j in range(length)], np.float32)
+        nxt = index + length
+        return dict(
+            obs=np.stack([self.obs[(index - self.K + 1 + j) % self.C] for j in range(self.K)]),
+            action=int(self.action[index]),
+            reward=float(disc.dot(rew)),
+            discount=gamma**n * (1.0 - is_terminal),
+            next_obs=np.stack([self.obs[(nxt - self.K + 1 + j) % self.C] for j in range(self.K)]),
+        )
+
+    def valid(self, n):
+        return [i for i in range(self.C) if self.is_valid(i, n)]
+
+
+def frame_with_id(i):
+    """A frame that names its transition: id i >= 1 in the first three pixels (padding frames are 0)."""
+    f = np.zeros((84, 84), np.uint8)
+    f[0, :3] = (i % 256, (i // 256) % 256, i // 65536)
+    f[40:44, (i * 7) % 80 : (i * 7) % 80 + 4] = 200  # some content
+    return f
+
+
+def frame_id(frames):
+    """ids of frames [..., 84, 84] -> int [...]"""
+    px = frames[..., 0, :3].astype(np.int64)
+    return px[..., 0] + 256 * px[..., 1] + 65536 * px[..., 2]
+
+
+class Ids:
+    def __init__(self, start=1):
+        self.next = start
+
+    def __call__(self):
+        self.next += 1
+        return self.next - 1
+
+
+def fill(buf, rng, ids, num_steps, max_len=3, num_actions=4, stop_at_cursor=None):
+    """Episodes of 1..max_len steps (the last may stay unfinished), random clipped rewards."""
+    left = rng.integers(1, max_len + 1)
+    for _ in range(num_steps):
+        left -= 1
+        terminal = left == 0
+        buf.add(
+            frame_with_id(ids()), int(rng.integers(num_actions)), float(rng.choice([-1, 0, 0, 1])), terminal
+        )
+        if terminal:
+            left = rng.integers(1, max_len + 1)
+    if stop_at_cursor is not None:  # keep adding short episodes until the cursor lands there
+        while buf.cursor() != stop_at_cursor:
+            terminal = rng.random() < 0.4
+            buf.add(
+                frame_with_id(ids()), int(rng.integers(num_actions)), float(rng.choice([-1, 0, 1])), terminal
+            )
+    return buf
+
+
+def plain_write(directory, suffix, buf, invalid_horizon=1, **override):
+    """A writer that is not replay.py's: Dopamine's save(), gzip.GzipFile + np.save."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "$store$_observation": buf.obs,
+        "$store$_action": buf.action,
+        "$store$_reward": buf.reward,
+        "$store$_terminal": buf.terminal,
+        "add_count": np.array(buf.add_count),
+        "invalid_range": np.array(buf.invalid_range(invalid_horizon)),
+    }
+    arrays.update(override)
+    for name, arr in arrays.items():
+        with (
+            open(directory / f"{name}_ckpt.{suffix}.gz", "wb") as f,
+            gzip.GzipFile(fileobj=f, mode="wb") as g,
+        ):
+            np.save(g, arr, allow_pickle=False)
+
+
+# Hand-built buffers covering the rules: (capacity, steps, max episode length, cursor to stop at)
+CASES = {
+    "not_full_short_episodes": (64, 30, 3, None),
+    "one_step_episodes": (40, 9, 1, None),
+    "exactly_full": (48, None, 2, 0),  # stops when add_count hits capacity (cursor 0, just wrapped)
+    "wrapped_cursor_mid": (40, 70, 3, 17),
+    "wrapped_cursor_near_end": (37, 90, 3, 35),
+    "wrapped_cursor_at_1": (33, 60, 2, 1),
+    "long_episodes_wrapped": (50, 200, 9, None),
+}
+
+
+def build(case, seed=0, ids=None):
+    capacity, steps, max_len, stop = CASES[case]
+    rng = np.random.default_rng(seed)
+    buf = RefBuffer(capacity)
+    ids = ids or Ids()
+    if steps is None:
+        while buf.add_count < capacity - 1:
+            fill(buf, rng, ids, 1, max_len)
+        if buf.add_count < capacity:
+            buf.add(frame_with_id(ids()), 0, 0.0, 0)
+        if buf.add_count != capacity:  # padding overshot: start again with another seed
+            return build(case, seed + 1)
+        return buf
+    return fill(buf, rng, ids, steps, max_len, stop_at_cursor=stop)
+
+
+# ---------------------------------------------------------------------------------------------- format
+
+
+def test_round_trip_and_file_names(tmp_path):
+    buf = build("wrapped_cursor_mid")
+    replay.write_checkpoint(tmp_path, 7, buf.obs, buf.action, buf.reward, buf.terminal, buf.add_count)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        f"{n}_ckpt.7.gz"
+        for n in [
+            "$store$_observation",
+            "$store$_action",
+            "$store$_reward",
+            "$store$_terminal",
+            "add_count",
+            "invalid_range",
+        ]
+    )
+    data = replay.read_checkpoint(tmp_path, 7)
+    for key, ref in [("observation", buf.obs), ("action", buf.action), ("reward", buf.reward)]:
+        assert data[key].dtype == ref.dtype and np.array_equal(data[key], ref)
+    assert np.array_equal(data["terminal"], buf.terminal) and data["terminal"].dtype == np.uint8
+    assert int(data["add_count"]) == buf.add_count
+    assert data["invalid_range"].tolist() == buf.invalid_range(1)  # DQN-Replay: recorded with horizon 1
+    # what replay.py writes, a plain gzip + np.load reader reads (allow_pickle=False)
+    with gzip.open(tmp_path / "$store$_action_ckpt.7.gz") as f:
+        assert np.array_equal(np.load(f, allow_pickle=False), buf.action)
+    assert replay.list_checkpoints(tmp_path) == [7]
+
+
+def test_reads_files_of_a_plain_gzip_npsave_writer(tmp_path):
+    bufs = [build("wrapped_cursor_near_end", seed=s) for s in range(3)]
+    for s, b in enumerate(bufs):
+        plain_write(tmp_path, s * 5, b)
+    (tmp_path / "$store$_action_ckpt.99.gz").write_bytes(b"")  # an incomplete checkpoint is not listed
+    assert replay.list_checkpoints(tmp_path) == [0, 5, 10]
+    for s, b in enumerate(bufs):
+        data = replay.read_checkpoint(tmp_path, s * 5)
+        assert np.array_equal(data["observation"], b.obs) and np.array_equal(data["reward"], b.reward)
+        assert int(data["add_count"]) == b.add_count
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_validity_matches_dopamine(case, n):
+    buf = build(case)
+    mask = replay.valid_mask(buf.terminal, buf.add_count, n)
+    assert np.flatnonzero(mask).tolist() == buf.valid(n)
+    assert mask.any()
+    # single indices, out-of-range ones included
+    idx = np.arange(-3, buf.C + 3)
+    assert replay.is_valid(idx, buf.terminal, buf.add_count, n).tolist() == [buf.is_valid(i, n) for i in idx]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("n", [1, 3])
+def test_nstep_targets_match_dopamine(case, n):
+    buf, gamma = build(case), 0.9
+    fb = replay.FrameBuffer(buf.C, n_step=n, gamma=gamma)
+    fb.frames, fb.action, fb.reward, fb.terminal, fb.add_count = (
+        buf.obs,
+        buf.action,
+        buf.reward,
+        buf.terminal,
+        buf.add_count,
+    )
+    valid = fb.valid_indices()
+    batch = fb.gather(valid)
+    saw_cut = False
+    for row, i in enumerate(valid):
+        ref = buf.transition(int(i), n, gamma)
+        assert np.array_equal(batch.obs[row], ref["obs"])
+        assert np.array_equal(batch.next_obs[row], ref["next_obs"])
+        assert batch.action[row] == ref["action"]
+        assert batch.reward[row] == pytest.approx(ref["reward"], abs=1e-6)
+        assert batch.discount[row] == pytest.approx(ref["discount"], abs=1e-6)
+        saw_cut |= n > 1 and ref["discount"] == 0 and buf.terminal[i] == 0  # terminal inside the window
+    assert batch.obs.dtype == np.uint8 and batch.action.dtype == np.int64
+    assert batch.reward.dtype == np.float32 and batch.discount.dtype == np.float32
+    if n > 1 and case != "one_step_episodes":
+        assert saw_cut
+
+
+def test_episode_start_stack_is_zero_padded():
+    buf = RefBuffer(32)
+    fill(buf, np.random.default_rng(1), Ids(), 12, 3)
+    fb = replay.FrameBuffer(32, n_step=1)
+    fb.frames, fb.terminal, fb.add_count = buf.obs, buf.terminal, buf.add_count
+    starts = [i for i in fb.valid_indices() if buf.terminal[i - 1] == 0 and frame_id(buf.obs[i - 1]) == 0]
+    assert starts  # first steps of episodes: the stack is [0, 0, 0, first frame]
+    obs = fb.gather(np.array(starts)).obs
+    assert (obs[:, :3] == 0).all() and (frame_id(obs[:, 3]) > 0).all()
+
+
+def test_frame_buffer_add_matches_dopamine_and_samples_uniformly():
+    rng, ids = np.random.default_rng(3), Ids()
+    ref, fb = RefBuffer(41), replay.FrameBuffer(41, n_step=3, action_map=atari.legal_actions("Pong"))
+    fill(ref, np.random.default_rng(5), ids, 100, 4, num_actions=6)
+    ids.next = 1
+    fill(fb, np.random.default_rng(5), ids, 100, 4, num_actions=6)  # FrameBuffer has Dopamine's add()
+    assert fb.add_count == ref.add_count
+    assert np.array_equal(fb.frames, ref.obs) and np.array_equal(fb.terminal, ref.terminal)
+    batch = fb.sample(6000, rng)
+    sampled = frame_id(batch.obs[:, -1])
+    where = {int(frame_id(ref.obs[i])): i for i in ref.valid(3)}
+    assert set(sampled.tolist()) == set(where)  # exactly the valid indices
+    counts = np.unique(sampled, return_counts=True)[1]
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+    legal = np.array(atari.legal_actions("Pong"))
+    first = where[int(sampled[0])]
+    assert batch.action[0] == legal[ref.action[first]]  # minimal-set index -> full-set id
+    with pytest.raises(ValueError, match="add more"):
+        replay.FrameBuffer(16, n_step=3).sample(4, rng)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+def make_dataset(
+    root, games=GAMES, runs=(1,), num_ckpts=2, cases=("wrapped_cursor_mid", "not_full_short_episodes")
+):
+    """Hand-built DQN-Replay tree, written by the plain writer; returns {id: (game, ref buffer, index)}."""
+    ids, where = Ids(), {}
+    for g, game in enumerate(games):
+        num_actions = len(atari.legal_actions(game))
+        for run in runs:
+            for s in range(num_ckpts):
+                capacity, steps, max_len, stop = CASES[cases[s % len(cases)]]
+                buf = fill(
+                    RefBuffer(capacity),
+                    np.random.default_rng([g, run, s]),
+                    ids,
+                    steps or capacity,
+                    max_len,
+                    num_actions=num_actions,
+                    stop_at_cursor=stop,
+                )
+                plain_write(root / game / str(run) / "replay_logs", s, buf)
+                for i in range(buf.C):
+                    if frame_id(buf.obs[i]):
+                        where[int(frame_id(buf.obs[i]))] = (g, run, s, buf, i)
+    return where
+
+
+def check_batch(batch, where, legal, n, gamma, expect_game=None):
+    """Every row equals Dopamine's transition for the index its newest frame names; returns the ids."""
+    ids = frame_id(batch.obs[:, -1])
+    for row, i in enumerate(ids):
+        g, _, _, buf, index = where[int(i)]
+        assert buf.is_valid(index, n)
+        ref = buf.transition(index, n, gamma)
+        assert batch.game[row] == g
+        assert np.array_equal(batch.obs[row], ref["obs"]) and np.array_equal(
+            batch.next_obs[row], ref["next_obs"]
+        )
+        assert batch.action[row] == legal[g][ref["action"]]
+        assert batch.reward[row] == pytest.approx(ref["reward"], abs=1e-6)
+        assert batch.discount[row] == pytest.approx(ref["discount"], abs=1e-6)
+    return ids
+
+
+def all_valid(where, n, keep=lambda key, buf, i: True):
+    return {k for k, (g, r, s, buf, i) in where.items() if buf.is_valid(i, n) and keep((g, r, s), buf, i)}
+
+
+def test_multigame_sample_matches_dopamine_and_covers_every_valid_transition(tmp_path):
+    where = make_dataset(tmp_path)
+    legal = [atari.legal_actions(g) for g in GAMES]
+    r = replay.MultiGameReplay(tmp_path, GAMES, runs=(1,), checkpoints="nearoptimal", n_step=3, gamma=0.97)
+    assert r.static and "static" in r.plan_summary()
+    seen = set()
+    for _ in range(60):
+        batch = r.sample(64)
+        assert batch.obs.shape == (64, 4, 84, 84) and batch.game.dtype == np.int64
+        seen |= set(check_batch(batch, where, legal, 3, 0.97).tolist())
+    assert seen == all_valid(where, 3)
+    assert r.stats()["loaded_transitions"] == len(seen)
+    r.close()
+
+
+def test_equal_game_shares_with_rotating_remainder(tmp_path):
+    games = ("Pong", "Breakout", "Boxing")
+    make_dataset(tmp_path, games=games, num_ckpts=1)
+    r = replay.MultiGameReplay(tmp_path, games, runs=(1,), checkpoints="nearoptimal")
+    per_call = [np.bincount(r.sample(8).game, minlength=3).tolist() for _ in range(6)]
+    assert all(sum(c) == 8 and min(c) >= 2 for c in per_call)  # 8 // 3 = 2 each, 2 extra slots rotate
+    assert np.sum(per_call[:3], axis=0).tolist() == [8, 8, 8]  # equal over a cycle
+    assert per_call[:3] == per_call[3:]
+    with pytest.raises(ValueError, match="smaller than the 3 games"):
+        r.sample(2)
+
+
+def test_selection_rules(tmp_path):
+    assert replay.select_suffixes(range(51), "suboptimal") == list(range(10))
+    assert replay.select_suffixes(range(11), "suboptimal") == [0, 1]
+    assert replay.select_suffixes(range(3), "suboptimal") == [0]
+    assert replay.select_suffixes([4, 1, 2], "nearoptimal") == [1, 2, 4]
+    assert replay.select_suffixes(range(5), [3, 1]) == [1, 3]
+    assert replay.select_suffixes(range(5), "0,4") == [0, 4]
+    with pytest.raises(replay.ReplayDataError, match=r"\[7\] are not in"):
+        replay.select_suffixes(range(5), [7])
+    with pytest.raises(replay.ReplayDataError, match="not suboptimal, nearoptimal"):
+        replay.select_suffixes(range(5), "best")
+
+    where = make_dataset(tmp_path, games=("Pong",), num_ckpts=6, cases=("wrapped_cursor_mid",))
+    r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="suboptimal")  # 6 // 5 = 1
+    assert {where[int(i)][2] for i in frame_id(r.sample(300).obs[:, -1])} == {0}
+    r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints=[2, 5])
+    assert {where[int(i)][2] for i in frame_id(r.sample(600).obs[:, -1])} == {2, 5}
+    r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", fraction=0.5)
+    idx = {where[int(i)][4] for i in frame_id(r.sample(2000).obs[:, -1])}
+    assert max(idx) < 20 and len(idx) > 5  # the first half (20 of 40) of each checkpoint, in file order
+
+
+def test_streaming_rotation_covers_all_checkpoints_and_resume_repeats_batches(tmp_path):
+    where = make_dataset(tmp_path, num_ckpts=3, cases=("wrapped_cursor_mid", "long_episodes_wrapped"))
+    legal = [atari.legal_actions(g) for g in GAMES]
+    slot = 26  # frames per slot: no checkpoint (40-50 transitions) fits, so all come in windows
+    budget = slot * 3 * replay._ROW_BYTES / 2**30  # 2 games + 1 spare slot
+    kw = dict(runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=16, seed=3)
+    r = replay.MultiGameReplay(tmp_path, GAMES, **kw)
+    assert not r.static and "streaming" in r.plan_summary()
+    seen, states, batches = set(), {}, []
+    for call in range(500):
+        states[call] = json.loads(json.dumps(r.state_dict()))  # plain types
+        batch = r.sample(32)
+        batches.append(batch)
+        seen |= set(check_batch(batch, where, legal, 3, 0.99).tolist())
+    # windows drop only the transitions whose stack or n-step window wraps around the file's end
+    expected = all_valid(where, 3, keep=lambda k, buf, i: i >= 3 and i + 3 < buf.C)
+    assert seen == expected
+    stats = r.stats()
+    assert stats["reloads"] > 20 and stats["excluded_checkpoints"] == 0
+    r.close()
+
+    r2 = replay.MultiGameReplay(tmp_path, GAMES, **kw)
+    r2.load_state_dict(states[201])
+    for call in range(201, 260):
+        b = r2.sample(32)
+        for x, y in zip(b, batches[call], strict=True):
+            assert np.array_equal(x, y)
+    r2.close()
+
+
+def test_distributed_ranks_get_disjoint_shares(tmp_path):
+    where = make_dataset(tmp_path, games=("Pong",), num_ckpts=4, cases=("wrapped_cursor_mid",))
+    shares = []
+    for rank in range(3):
+        r = replay.MultiGameReplay(
+            tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", rank=rank, world_size=3
+        )
+        shares.append({where[int(i)][2] for i in frame_id(r.sample(500).obs[:, -1])})
+    assert shares == [{0, 3}, {1}, {2}]
+    # fewer checkpoints than ranks: disjoint windows of them
+    parts = []
+    for rank in range(2):
+        r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints=[1], rank=rank, world_size=2)
+        parts.append({int(i) for i in frame_id(r.sample(500).obs[:, -1])})
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def corrupt(path, how):
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    else:  # flip bytes in the middle of the deflate stream
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 16]) + data[mid + 16 :])
+
+
+BAD = {
+    "missing_file": (
+        lambda d: (d / "$store$_reward_ckpt.0.gz").unlink(),
+        "lacks \\$store\\$_reward_ckpt.0.gz",
+    ),
+    "truncated_obs": (
+        lambda d: corrupt(d / "$store$_observation_ckpt.0.gz", "truncate"),
+        "truncated or corrupt",
+    ),
+    "corrupt_obs": (lambda d: corrupt(d / "$store$_observation_ckpt.0.gz", "flip"), "truncated or corrupt"),
+    "truncated_small": (lambda d: corrupt(d / "add_count_ckpt.0.gz", "truncate"), "add_count_ckpt.0.gz"),
+    "not_gzip": (lambda d: (d / "$store$_terminal_ckpt.0.gz").write_bytes(b"hello"), "terminal_ckpt.0.gz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_files_stop_startup_with_one_sentence(tmp_path, case):
+    make_dataset(tmp_path, games=("Pong",), num_ckpts=1, cases=("long_episodes_wrapped",))
+    fn, match = BAD[case]
+    fn(tmp_path / "Pong" / "1" / "replay_logs")
+    with pytest.raises(replay.ReplayDataError, match=match) as e:
+        replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal")
+    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")  # one sentence
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"$store$_action": np.zeros(49, np.int32)}, r"expected int32 of shape \(50,\)"),
+        ({"$store$_action": np.zeros(50, np.int64)}, "holds a int64"),
+        (
+            {"$store$_observation": np.zeros((50, 80, 80), np.uint8)},
+            r"expected uint8 of shape \(C, 84, 84\)",
+        ),
+        ({"$store$_terminal": np.zeros(50, bool)}, "holds a bool"),
+        ({"invalid_range": np.arange(5)}, "does not match add_count"),
+        ({"add_count": np.array(0)}, "holds no transitions"),
+        ({"$store$_action": np.full(50, 9, np.int32)}, "outside Pong's 6 legal actions"),
+    ],
+)
+def test_mismatched_arrays_are_named(tmp_path, override, match):
+    buf = build("long_episodes_wrapped")
+    plain_write(tmp_path / "Pong" / "1" / "replay_logs", 0, buf, **override)
+    with pytest.raises(replay.ReplayDataError, match=match):
+        replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal")
+
+
+def test_pickled_file_is_refused(tmp_path):
+    buf = build("long_episodes_wrapped")
+    d = tmp_path / "Pong" / "1" / "replay_logs"
+    plain_write(d, 0, buf)
+    with open(d / "invalid_range_ckpt.0.gz", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb") as g:
+        np.save(g, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(replay.ReplayDataError, match="object"):
+        replay.read_checkpoint(d, 0)
+
+
+def test_bad_paths_and_selections(tmp_path):
+    new = replay.MultiGameReplay
+    with pytest.raises(replay.ReplayDataError, match="does not exist: download DQN-Replay with `gsutil"):
+        new(tmp_path / "nope", ["Pong"])
+    with pytest.raises(replay.ReplayDataError, match="is empty: .*python replay.py"):
+        new(tmp_path, ["Pong"])
+    make_dataset(tmp_path, games=("Pong",), num_ckpts=2, cases=("wrapped_cursor_mid",))
+    with pytest.raises(
+        replay.ReplayDataError, match="no data for game Breakout .*gs://atari-replay-datasets/dqn/Breakout"
+    ):
+        new(tmp_path, ["Pong", "Breakout"], runs=(1,))
+    with pytest.raises(replay.ReplayDataError, match="no checkpoints in .*Pong/2/replay_logs"):
+        new(tmp_path, ["Pong"], runs=(1, 2))
+    with pytest.raises(replay.ReplayDataError, match=r"suffixes \[3\] are not in"):
+        new(tmp_path, ["Pong"], runs=(1,), checkpoints=[0, 3])
+    with pytest.raises(replay.ReplayDataError, match="nothing left to sample for Pong"):
+        new(tmp_path, ["Pong"], runs=(1,), checkpoints=[0], fraction=0.05)
+    with pytest.raises(replay.ReplayDataError, match="fraction"):
+        new(tmp_path, ["Pong"], runs=(1,), fraction=0.0)
+    with pytest.raises(replay.ReplayDataError, match="memory_budget_gb is too small"):
+        new(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=1e-6)
+    with pytest.raises(ValueError, match="Pong"):
+        new(tmp_path, ["Pongg"], runs=(1,))
+    with pytest.raises(replay.ReplayDataError, match="lacks"):
+        replay.read_checkpoint(tmp_path, 0)
+
+
+def test_corrupt_checkpoint_in_background_is_excluded_and_training_goes_on(tmp_path):
+    where = make_dataset(tmp_path, games=("Pong",), num_ckpts=4, cases=("long_episodes_wrapped",))
+    budget = 60 * 2 * replay._ROW_BYTES / 2**30  # one whole checkpoint per set
+    r = replay.MultiGameReplay(
+        tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=5
+    )
+    r._job.done.wait()
+    busy = {p.suffix for p in r._loaded[0] + (r._job.result or [])}
+    bad = sorted({0, 1, 2, 3} - busy)[0]
+    corrupt(tmp_path / "Pong" / "1" / "replay_logs" / f"$store$_observation_ckpt.{bad}.gz", "truncate")
+    suffixes = set()
+    with pytest.warns(UserWarning, match=f"truncated or corrupt.*Excluding Pong run 1 checkpoint {bad}"):
+        for _ in range(80):
+            suffixes |= {where[int(i)][2] for i in frame_id(r.sample(16).obs[:, -1])}
+    assert suffixes == {0, 1, 2, 3} - {bad}
+    assert r.stats()["excluded_checkpoints"] == 1 and r.stats()["reloads"] > 5
+    r.close()
+
+
+# ---------------------------------------------------------------------------------------------- recorder
+
+
+def test_recorder_writes_valid_dqn_replay(tmp_path):
+    dirs = replay.record(
+        tmp_path,
+        ["Breakout"],
+        runs=(1, 2),
+        num_checkpoints=2,
+        capacity=150,
+        max_episode_steps=15,
+        num_workers=1,
+        progress=False,
+    )
+    assert dirs == [tmp_path / "Breakout" / str(r) / "replay_logs" for r in (1, 2)]
+    legal = atari.legal_actions("Breakout")
+    for d in dirs:
+        assert replay.list_checkpoints(d) == [0, 1]
+        for k in (0, 1):
+            data = replay.read_checkpoint(d, k)  # also checks invalid_range against add_count
+            add, term = int(data["add_count"]), data["terminal"]
+            assert add > (k + 1) * 150 and add % 150 != 0  # padding moves the cursor mid-buffer
+            cursor = add % 150
+            ends = np.flatnonzero(term)
+            gaps = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True) if not a < cursor <= b]
+            # a random Breakout game lasts far longer than 15 steps: every episode is cut by the time
+            # limit and stored as 15 steps + 3 padding transitions between terminals
+            assert len(gaps) >= 5 and set(gaps) == {15 + 3}
+            assert set(np.unique(data["reward"])) <= {-1.0, 0.0, 1.0}
+            assert data["action"].max() < len(legal)
+            for i in ends:  # 3 zero paddings follow every terminal
+                pad = [(i + j) % 150 for j in (1, 2, 3)]
+                if cursor not in [*pad, (i + 1) % 150]:
+                    assert not data["observation"][pad].any() and not data["action"][pad].any()
+            fb = replay.FrameBuffer.from_checkpoint(d, k, n_step=3)
+            ref = RefBuffer(150)
+            ref.terminal, ref.add_count = data["terminal"], add
+            assert fb.valid_indices().tolist() == ref.valid(3)
+    a = replay.read_checkpoint(dirs[0], 0)["observation"]
+    b = replay.read_checkpoint(dirs[1], 0)["observation"]
+    assert not np.array_equal(a, b)  # runs are independent streams
+    r = replay.MultiGameReplay(tmp_path, ["Breakout"], runs=(1, 2), checkpoints="nearoptimal")
+    batch = r.sample(32)
+    assert set(batch.action.tolist()) <= set(legal) and batch.obs[:, -1].any()
+    with pytest.raises(replay.ReplayDataError, match="already holds checkpoints"):
+        replay.record(tmp_path, ["Breakout"], runs=(1,), capacity=150, progress=False)
+
+
+def test_recorder_with_a_q_network_policy(tmp_path):
+    torch = pytest.importorskip("torch")
+    import resnet
+
+    net = resnet.QNetwork(num_games=2, arch="tiny")
+    path = tmp_path / "ckpt.pt"
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "net_config": net.config(),
+            "games": ["Pong", "Boxing"],
+            "args": {"v_min": -10.0, "v_max": 10.0},
+        },
+        path,
+    )
+    (d,) = replay.record(
+        tmp_path / "data",
+        ["Boxing"],
+        capacity=60,
+        policy=str(path),
+        epsilon=0.0,
+        num_workers=1,
+        progress=False,
+    )
+    data = replay.read_checkpoint(d, 0)
+    assert data["action"].max() < len(atari.legal_actions("Boxing"))
+    with pytest.raises(replay.ReplayDataError, match="has no head for Breakout"):
+        replay.record(tmp_path / "data", ["Breakout"], capacity=60, policy=str(path), progress=False)
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "replay.py", "--help"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0
+    for flag in (
+        "--out-dir",
+        "--games",
+        "--runs",
+        "--num-checkpoints",
+        "--capacity",
+        "--policy",
+        "--epsilon",
+        "--sticky-actions",
+        "--max-episode-steps",
+    ):
+        assert flag in out.stdout
+    out = subprocess.run(
+        [sys.executable, "replay.py", "--out-dir", str(tmp_path), "--games", "Pong", "--capacity", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "capacity 3" in out.stderr
