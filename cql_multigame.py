@@ -34,13 +34,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import atari
 import numpy as np
-import replay
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import atari
+import replay
 import resnet
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,8 +525,17 @@ def make_q_fn(net: torch.nn.Module, game_index: int, support: torch.Tensor, devi
     return q_fn
 
 
+def has_human_score(game: str) -> bool:
+    """Carnival and Pooyan have no published human score: they are left out of human-normalized aggregates."""
+    return not math.isnan(atari.HUMAN_SCORES.get(game, float("nan")))
+
+
 def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
-    """Play every game with its head; returns per-game mean return, HNS and the IQM with a 95% CI."""
+    """Play every game with its head; per-game mean return and HNS, and the IQM of HNS with a 95% CI.
+
+    The CI is rliable's stratified bootstrap over episodes within each game; games without a human score
+    are reported by return only.
+    """
     was_training = net.training
     net.eval()
     per_game = {}
@@ -540,18 +549,23 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
             seed=seed + g,
             max_episode_steps=args.eval_max_steps,
         )
+        scored = has_human_score(game)
         per_game[game] = {
             "returns": [float(r) for r in returns],
             "mean_return": float(np.mean(returns)),
-            "hns": float(atari.human_normalized_score(game, float(np.mean(returns)))),
+            "hns": float(atari.human_normalized_score(game, float(np.mean(returns)))) if scored else None,
         }
     net.train(was_training)
-    hns = np.array([per_game[g]["hns"] for g in games])
-    episode_hns = np.array(
-        [[atari.human_normalized_score(g, r) for r in per_game[g]["returns"]] for g in games]
-    )
-    lo, hi = atari.iqm_confidence_interval(episode_hns.T, seed=seed)  # [episodes, games]
-    return {"games": per_game, "iqm_hns": float(atari.iqm(hns)), "iqm_ci": [float(lo), float(hi)]}
+    scored_games = [g for g in games if per_game[g]["hns"] is not None]
+    result = {"games": per_game, "iqm_hns": None, "iqm_ci": None}
+    if scored_games:
+        hns = np.array([per_game[g]["hns"] for g in scored_games])
+        episode_hns = np.stack(
+            [atari.human_normalized_score(g, np.array(per_game[g]["returns"])) for g in scored_games]
+        )
+        lo, hi = atari.iqm_confidence_interval(episode_hns.T, seed=seed)  # [episodes, games]
+        result.update(iqm_hns=float(atari.iqm(hns)), iqm_ci=[float(lo), float(hi)])
+    return result
 
 
 def format_summary(result: dict[str, Any], step: int) -> str:
@@ -563,9 +577,11 @@ def format_summary(result: dict[str, Any], step: int) -> str:
         "|---|---:|---:|",
     ]
     for game, r in result["games"].items():
-        lines.append(f"| {game} | {r['mean_return']:.1f} | {r['hns']:.3f} |")
-    lo, hi = result["iqm_ci"]
-    lines.append(f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}) |")
+        hns = "n/a (no human score)" if r["hns"] is None else f"{r['hns']:.3f}"
+        lines.append(f"| {game} | {r['mean_return']:.1f} | {hns} |")
+    if result["iqm_hns"] is not None:
+        lo, hi = result["iqm_ci"]
+        lines.append(f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}) |")
     return "\n".join(lines)
 
 
@@ -865,7 +881,10 @@ def main(args: Args) -> dict[str, Any]:
 def log_evaluation(writer, result: dict[str, Any], step: int) -> None:
     for game, r in result["games"].items():
         writer.add_scalar(f"eval/{game}/return", r["mean_return"], step)
-        writer.add_scalar(f"eval/{game}/hns", r["hns"], step)
+        if r["hns"] is not None:
+            writer.add_scalar(f"eval/{game}/hns", r["hns"], step)
+    if result["iqm_hns"] is None:
+        return
     writer.add_scalar("eval/iqm_hns", result["iqm_hns"], step)
     writer.add_scalar("eval/iqm_hns_ci_low", result["iqm_ci"][0], step)
     writer.add_scalar("eval/iqm_hns_ci_high", result["iqm_ci"][1], step)

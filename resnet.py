@@ -124,7 +124,8 @@ def _impala() -> nn.Sequential:
     mods: list[nn.Module] = []
     in_ch = 4
     for ch in (16, 32, 32):
-        mods += [nn.Conv2d(in_ch, ch, 3, 1, 1), nn.MaxPool2d(3, 2, 1), _ImpalaResidual(ch), _ImpalaResidual(ch)]
+        mods += [nn.Conv2d(in_ch, ch, 3, 1, 1), nn.MaxPool2d(3, 2, 1)]
+        mods += [_ImpalaResidual(ch), _ImpalaResidual(ch)]
         in_ch = ch
     mods.append(nn.ReLU())
     return nn.Sequential(*mods)
@@ -169,16 +170,17 @@ class GameHeads(nn.Module):
     Form (a): one dense matmul against all G heads, then a gather of each sample's own block. It has
     static shapes, works for any mix of games in a batch (a one-game evaluation batch; sampler shares that
     differ by one), and the gather's backward is a scatter, so every other game's head gets a gradient of
-    exactly 0. Its cost is G times the useful head FLOPs, which is small next to the trunk: for resnet101
-    with 40 games and D = 640 the heads are 2*640*40*918 = 47 MFLOP per sample forward against 9.4 GFLOP
-    for the trunk at 84x84 (0.5%; `python benchmarks/bench_network.py --heads-only` prints both).
-    The alternatives: (b) gathering each sample's weights W[game] -> [B, A*K, D] is a batched matrix-vector
-    product that moves B*D*A*K weights (1.2 GB at B = 512, D = 640), memory-bound and slower everywhere;
-    (c) one batched matmul over games [G, B/G, D] x [G, D, A*K] needs the batch sorted into exactly equal
-    shares, which the sampler does not give when B % G != 0, nor evaluation (one game per batch).
-    On this 2-core CPU at B = 32, G = 40, D = 640, forward+backward: (a) 10.4 ms, (b) 26.6 ms, (c) 1.5 ms
-    (equal shares only); on an accelerator (a) is one large dense matmul at near-peak throughput, so its
-    40x is 0.5% of the step; we take (a) for its generality.
+    exactly 0. It does G times the useful head FLOPs, which is small next to the trunk: for resnet101 with
+    40 games and D = 640 the heads cost 2*640*40*918 = 47 MFLOP per sample forward against 9.5 GFLOP for
+    the trunk at 84x84, 0.5% (backward keeps the same ratio). On an accelerator that is one large dense
+    matmul at near-peak throughput.
+    The alternatives: (b) gathering each sample's weights W[game] -> [B, A*K, D] and a batched
+    matrix-vector product moves B*D*A*K weights (1.2 GB at B = 512, D = 640): memory-bound everywhere;
+    (c) one batched matmul over games [G, B/G, D] x [G, D, A*K] is the cheapest but needs the batch grouped
+    into exactly equal shares, which the sampler does not give when B % G != 0, nor evaluation (one game).
+    Measured forward+backward, G = 40, D = 640, on this repo's 2-core CPU (benchmarks/bench_network.py):
+    B = 32: (a) 80 ms, (b) 342 ms, (c) 57 ms; B = 512: (a) 467 ms, (b) 3206 ms, (c) 61 ms. (c) is faster
+    here, by most at a large batch on CPU, where nobody trains resnet101; we take (a) for its generality.
     """
 
     def __init__(self, num_games: int, in_dim: int, out_dim: int):
@@ -191,7 +193,7 @@ class GameHeads(nn.Module):
     def forward(self, x: torch.Tensor, game: torch.Tensor) -> torch.Tensor:
         g, o, d = self.weight.shape
         all_heads = F.linear(x, self.weight.reshape(g * o, d), self.bias.reshape(g * o))  # [B, G*A*K]
-        index = game.view(-1, 1, 1).expand(-1, 1, o)  # [B, 1, A*K]
+        index = game.long().view(-1, 1, 1).expand(-1, 1, o)  # [B, 1, A*K]
         return all_heads.view(-1, g, o).gather(1, index).squeeze(1)  # [B, A*K]
 
 
@@ -209,7 +211,7 @@ class QNetwork(nn.Module):
         num_actions: int = 18,
         num_atoms: int = 51,
         num_spatial: int = 8,  # F, learned spatial features per channel (ours: 8, not stated in the paper)
-        mlp_dim: int = 640,  # ours: gives resnet101 with 40 games 77.0M parameters (paper: "up to 80M")
+        mlp_dim: int = 640,  # ours: gives resnet101 with 40 games 77.1M parameters (paper: "up to 80M")
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -222,9 +224,8 @@ class QNetwork(nn.Module):
         self.num_spatial, self.mlp_dim = num_spatial, mlp_dim
 
         self.trunk = ARCHS[arch]()
-        ref = next(self.trunk.parameters())
-        with torch.no_grad():
-            _, c, h, w = self.trunk(torch.zeros(1, 4, 84, 84, device=ref.device, dtype=ref.dtype)).shape
+        with torch.device("meta"):  # shapes only: no memory, no compute
+            _, c, h, w = ARCHS[arch]()(torch.zeros(1, 4, 84, 84)).shape
         self.feature_shape = (c, h, w)  # resnets: (512 or 2048, 6, 6); tiny: (64, 9, 9); impala: (32, 11, 11)
         self.spatial_embedding = SpatialEmbedding(c, h, w, num_spatial)
         # ours: one hidden layer; the paper does not give the shared MLP's depth or width.
@@ -253,8 +254,8 @@ class QNetwork(nn.Module):
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 obs [B, 4, 84, 84] -> shared features [B, mlp_dim], each of unit L2 norm."""
         if obs.dtype != torch.uint8 or tuple(obs.shape[1:]) != (4, 84, 84):
-            raise ValueError(f"obs must be uint8 of shape [B, 4, 84, 84] (raw frames; the network scales them),"
-                             f" got {obs.dtype} {tuple(obs.shape)}.")
+            raise ValueError(f"obs must be uint8 of shape [B, 4, 84, 84] (raw frames; the network scales"
+                             f" them), got {obs.dtype} {tuple(obs.shape)}.")
         x = obs.to(next(self.trunk.parameters()).dtype) / 255.0  # [B, 4, 84, 84] in [0, 1]
         if self.trunk[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the net was moved to channels_last

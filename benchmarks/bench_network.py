@@ -61,7 +61,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds per call."""
+    """Fastest seconds per call (the minimum is the least disturbed by other work on a shared machine)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -71,7 +71,7 @@ def _time(fn, device: torch.device, iters: int, warmup: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def _inputs(batch: int, num_games: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +112,9 @@ def bench_networks(args: Args, device: torch.device) -> list[dict]:
                 F.log_softmax(net(obs, game), -1).mean().backward()
 
             sec = _time(step, device, args.iters, args.warmup)
-            rows.append({"arch": arch, "channels_last": channels_last, "params": count_parameters(net)["total"],
-                         "ms_per_step": 1e3 * sec, "samples_per_s": args.batch_size / sec,
+            rows.append({"arch": arch, "channels_last": channels_last,
+                         "params": count_parameters(net)["total"], "ms_per_step": 1e3 * sec,
+                         "samples_per_s": args.batch_size / sec,
                          "gflop_per_step": flops / 1e9, "gflops_achieved": flops / sec / 1e9})
             print(f"  {arch:9s} channels_last={channels_last!s:5s} {args.batch_size / sec:8.1f} samples/s",
                   file=sys.stderr)
@@ -132,15 +133,19 @@ def bench_heads(args: Args, device: torch.device) -> list[dict]:
         game = (torch.arange(batch) % g).to(device)
         xc = torch.randn(g, per, d, device=device, requires_grad=True)
 
-        def form_a():  # one matmul against all heads, then gather each sample's block
+        # (a) one matmul against all heads, then gather each sample's block
+        def form_a(x=x, game=game, batch=batch):
+            w.grad = b.grad = x.grad = None
             y = F.linear(x, w.reshape(g * o, d), b.reshape(-1)).view(batch, g, o)
             y.gather(1, game.view(-1, 1, 1).expand(-1, 1, o)).sum().backward()
 
-        def form_b():  # gather each sample's weights, then a batched matrix-vector product
+        def form_b(x=x, game=game):  # gather each sample's weights, then a batched matrix-vector product
+            w.grad = b.grad = x.grad = None
             y = torch.bmm(w[game], x.unsqueeze(-1)).squeeze(-1) + b[game]
             y.sum().backward()
 
-        def form_c():  # batched matmul over games; the batch must come grouped in equal shares
+        def form_c(xc=xc):  # batched matmul over games; the batch must come grouped in equal shares
+            w.grad = b.grad = xc.grad = None
             y = torch.baddbmm(b.unsqueeze(1), xc, w.transpose(1, 2))
             y.sum().backward()
 
@@ -184,16 +189,16 @@ def main(args: Args) -> None:
     for r in heads:
         print(f"| {r['form']} | {r['batch']} | {r['ms_fwd_bwd']:.2f} |")
 
-    trunk_fwd = step_flops("resnet101", 1, 40, args.mlp_dim)
+    _, head_fwd = step_flops("resnet101", 1, 40, args.mlp_dim)
     with torch.device("meta"):
         net = QNetwork(40, "resnet101", mlp_dim=args.mlp_dim)
         with FlopCounterMode(display=False) as fc:
             net.trunk(torch.zeros(1, 4, 84, 84))
-    head_fwd = trunk_fwd[1]
     result["resnet101_40_games"] = {"trunk_fwd_flops_per_sample": fc.get_total_flops(),
                                     "heads_fwd_flops_per_sample": head_fwd}
-    print(f"\nresnet101, 40 games: trunk {fc.get_total_flops() / 1e9:.2f} GFLOP/sample forward, heads (form a) "
-          f"{head_fwd / 1e6:.1f} MFLOP/sample = {100 * head_fwd / fc.get_total_flops():.2f}% of the trunk")
+    trunk_flops = fc.get_total_flops()
+    print(f"\nresnet101, 40 games: trunk {trunk_flops / 1e9:.2f} GFLOP/sample forward, heads (form a) "
+          f"{head_fwd / 1e6:.1f} MFLOP/sample = {100 * head_fwd / trunk_flops:.2f}% of the trunk")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"bench_network_{device.type}_b{args.batch_size}.json"
