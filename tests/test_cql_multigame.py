@@ -1,0 +1,234 @@
+"""cql_multigame.py end to end on small recorded data: the script, --resume, torchrun DDP, bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cql_multigame
+import replay
+from cql_multigame import PRESETS, Args, ConfigError, cli, main
+
+ROOT = Path(__file__).resolve().parents[1]
+GAMES = ("Breakout", "Boxing", "Freeway")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
+    return path
+
+
+def tiny_args(data_dir, runs_dir, **overrides) -> Args:
+    """The demo preset, shrunk to seconds."""
+    base = dataclasses.replace(
+        PRESETS["demo"][1],
+        data_dir=str(data_dir),
+        runs_dir=str(runs_dir),
+        record_missing=0,
+        total_steps=8,
+        batch_size=12,
+        log_every=1,
+        save_every=4,
+        target_update_every=3,
+        eval_episodes=1,
+        eval_envs=1,
+        eval_max_steps=20,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def run_script(*argv, timeout=300, env=None):
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_presets_parse():
+    args = cli(["demo", "--total-steps", "5"])
+    assert args.arch == "tiny" and args.total_steps == 5
+    paper = cli(["paper-suboptimal"])
+    assert (paper.arch, paper.batch_size, paper.lr, paper.target_update_every, paper.n_step) == (
+        "resnet101",
+        512,
+        2e-4,
+        2000,
+        3,
+    )
+    assert paper.total_steps == 10_000_000 and len(paper.games) == 40 and paper.checkpoints == "suboptimal"
+    assert cli(["paper-nearoptimal"]).checkpoints == "nearoptimal"
+    bc = cli(["bc"])
+    assert bc.td_weight == 0.0 and bc.cql_alpha == 1.0
+
+
+def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
+    r = run_script(
+        "cql_multigame.py",
+        "demo",
+        "--data-dir",
+        str(data_dir),
+        "--runs-dir",
+        str(tmp_path),
+        "--record-missing",
+        "0",
+        "--total-steps",
+        "6",
+        "--batch-size",
+        "12",
+        "--log-every",
+        "3",
+        "--save-every",
+        "3",
+        "--eval-episodes",
+        "1",
+        "--eval-envs",
+        "1",
+        "--eval-max-steps",
+        "20",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "IQM" in r.stdout and "Breakout" in r.stdout
+    run_dir = tmp_path / "scaledql_tiny_3games_seed1"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["games"] == list(GAMES) and ckpt["net_config"]["arch"] == "tiny"
+    assert {"model", "target", "optimizer", "rng", "replay", "args"} <= set(ckpt)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["games"]) == set(GAMES) and summary["iqm_hns"] is not None
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6]
+    # a second start of the same run must not overwrite it
+    r2 = run_script(
+        "cql_multigame.py",
+        "demo",
+        "--data-dir",
+        str(data_dir),
+        "--runs-dir",
+        str(tmp_path),
+        "--total-steps",
+        "6",
+    )
+    assert r2.returncode != 0 and "--resume" in r2.stderr and "Traceback" not in r2.stderr
+
+
+def losses(run_dir):
+    return {x["step"]: x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_resume_gives_the_same_batches_and_losses(data_dir, tmp_path, prefetch):
+    full = main(tiny_args(data_dir, tmp_path, run_name="full", prefetch=prefetch))
+    assert full["step"] == 8
+    main(
+        tiny_args(data_dir, tmp_path, run_name="cut", prefetch=prefetch, total_steps=4)
+    )  # "killed" at step 4
+    main(tiny_args(data_dir, tmp_path, run_name="cut", prefetch=prefetch, resume=True))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 9))
+    for step in range(5, 9):  # after the resume: identical losses, so identical batches and parameters
+        for key in ("loss", "td_loss", "cql_term", "q_data"):
+            assert a[step][key] == b[step][key], (step, key)
+    ca = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    cb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+
+def test_torchrun_two_processes_keep_identical_parameters(data_dir, tmp_path):
+    r = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "cql_multigame.py",
+        "demo",
+        "--data-dir",
+        str(data_dir),
+        "--runs-dir",
+        str(tmp_path),
+        "--record-missing",
+        "0",
+        "--total-steps",
+        "4",
+        "--batch-size",
+        "12",
+        "--log-every",
+        "2",
+        "--save-every",
+        "4",
+        "--eval-episodes",
+        "1",
+        "--eval-envs",
+        "1",
+        "--eval-max-steps",
+        "10",
+        "--save-all-ranks",
+        "--device",
+        "cpu",
+        timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "scaledql_tiny_3games_seed1"
+    p0 = torch.load(run_dir / "params_rank0.pt", weights_only=True)
+    p1 = torch.load(run_dir / "params_rank1.pt", weights_only=True)
+    init = cql_multigame.resnet.QNetwork(num_games=3, arch="tiny")
+    changed = 0
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+        changed += not torch.equal(p0[k], init.state_dict()[k])
+    assert changed > 0
+    # each rank sampled its own share: rank 1 saved its sampler state beside the checkpoint
+    assert (run_dir / "replay_state_rank1.pt").is_file()
+
+
+def test_bad_input_stops_with_one_sentence(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unknown --arch 'resnet7'.*resnet101"):
+        main(tiny_args(data_dir, tmp_path, arch="resnet7"))
+    with pytest.raises(ConfigError, match="Breakout"):
+        main(tiny_args(data_dir, tmp_path, games=("Breakot", "Boxing")))
+    with pytest.raises(ConfigError, match="fewer than the 3 games"):
+        main(tiny_args(data_dir, tmp_path, batch_size=2))
+    with pytest.raises(ConfigError, match="--resume found no checkpoint"):
+        main(tiny_args(data_dir, tmp_path, run_name="nothing", resume=True))
+    with pytest.raises(replay.ReplayDataError):
+        main(tiny_args(tmp_path / "empty", tmp_path))
+    main(tiny_args(data_dir, tmp_path, run_name="tinyrun", total_steps=2))
+    with pytest.raises(ConfigError, match="holds a tiny network but --arch is impala"):
+        main(tiny_args(data_dir, tmp_path, run_name="tinyrun", arch="impala", resume=True))
+    # and from the command line: one line, no traceback
+    r = run_script("cql_multigame.py", "demo", "--arch", "resnet7", "--data-dir", str(data_dir))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real = cql_multigame.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 6:  # from step 6 on the loss is NaN
+            loss = loss * float("nan")
+            metrics = {k: v * float("nan") for k, v in metrics.items()}
+        return loss, metrics
+
+    monkeypatch.setattr(cql_multigame, "compute_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 6"):
+        main(tiny_args(data_dir, tmp_path, run_name="nan", prefetch=0))
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
