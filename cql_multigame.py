@@ -184,6 +184,16 @@ PRESETS: dict[str, tuple[str, Args]] = {
 }
 
 
+# TensorBoard tags of the training scalars (metric of c51_cql_loss, tag); the fine-tuning scripts share them.
+TRAIN_SCALARS = (
+    ("td_loss", "losses/td_loss"),
+    ("cql_term", "losses/cql_term"),
+    ("loss", "losses/total_loss"),
+    ("q_data", "q/data_action"),
+    ("q_max", "q/max"),
+)
+
+
 class ConfigError(ValueError):
     """A mistake in the flags or files a user gave; printed as one sentence, without a traceback."""
 
@@ -499,10 +509,30 @@ def load_rank_replay_state(run_dir: Path, rank: int, step: int) -> dict:
     return state["replay"]
 
 
-def network_from_checkpoint(ckpt: dict[str, Any], which: str = "model") -> resnet.QNetwork:
-    """Rebuild the QNetwork a checkpoint was trained with and load its weights (`which`: model or target)."""
-    net = resnet.QNetwork(**ckpt["net_config"])
-    net.load_state_dict(ckpt[which])
+def network_from_checkpoint(ckpt: dict[str, Any], which: str = "model", path: str | Path = "the checkpoint"):
+    """Rebuild the QNetwork a checkpoint was trained with and load its weights (`which`: model or target).
+
+    A checkpoint this resnet.py cannot rebuild (an unknown arch, weights of another shape) stops with one
+    sentence naming the first weight that does not fit.
+    """
+    try:
+        net = resnet.QNetwork(**ckpt["net_config"])
+        net.load_state_dict(ckpt[which])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0].rstrip(":.") if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and "net" in locals():  # name the first weight that does not fit
+            built, saved = net.state_dict(), ckpt[which]
+            bad = [k for k in built if k not in saved or saved[k].shape != built[k].shape]
+            bad = bad or [k for k in saved if k not in built]
+            if bad:
+                k = bad[0]
+                got = tuple(saved[k].shape) if k in saved else "missing"
+                want = tuple(built[k].shape) if k in built else "no such weight"
+                reason = f"{k} is {got} in its weights but {want} in its net_config"
+        raise ConfigError(
+            f"checkpoint {path} holds a network this resnet.py cannot rebuild ({reason}); use a checkpoint "
+            "written by this version of cql_multigame.py."
+        ) from None
     return net
 
 
@@ -825,13 +855,7 @@ def main(args: Args) -> dict[str, Any]:
                     sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
                     wait = (stream.wait_time - last_log[2]) / max(now - last_log[0], 1e-9)
                     last_log = (now, step, stream.wait_time)
-                    for k, tag in (
-                        ("td_loss", "losses/td_loss"),
-                        ("cql_term", "losses/cql_term"),
-                        ("loss", "losses/total_loss"),
-                        ("q_data", "q/data_action"),
-                        ("q_max", "q/max"),
-                    ):
+                    for k, tag in TRAIN_SCALARS:
                         writer.add_scalar(tag, values[k], step)
                     writer.add_scalar("charts/samples_per_second", sps, step)
                     writer.add_scalar("charts/data_wait_fraction", wait, step)
