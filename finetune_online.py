@@ -1,0 +1,596 @@
+"""Online fine-tuning of the multi-game network on a game variant (Scaled QL, Kumar et al. 2023, Sec. 5.4).
+
+The paper's online transfer experiment: take the network that cql_multigame.py trained offline on 40 games,
+and keep learning online on a *variant* of a training game (an ALE mode or difficulty the data never showed,
+e.g. Freeway, Hero or Breakout variants), against the same learner started from a random init
+(`--from-scratch`). This script is that learner:
+
+* network: the checkpoint's trunk, spatial embedding and shared MLP, and the game's own head when the
+  checkpoint has one (a game without a head gets a fresh one, resnet.transfer); one head, game index 0;
+* acting: `--num-envs` copies of the variant (atari.make_vec_env) stepped together, ONE batched forward of
+  the online network per step, epsilon-greedy over the game's legal actions on expected Q-values;
+* replay: one replay.FrameBuffer per env (each env is its own stream of episodes), so stacking, episode-start
+  padding and n-step targets follow exactly the DQN-Replay / Dopamine rules that the offline data uses;
+* learning: cql_multigame.compute_loss (n-step C51 from a target network, the CQL term optional), Adam,
+  hard target updates;
+* periodic evaluation on the variant with atari.evaluate (sticky actions, epsilon 0.001), TensorBoard, a
+  final table, a summary JSON and a checkpoint in cql_multigame.py's format (one head: this game).
+
+Left out: the paper's exact online budget and fine-tuning hyperparameters (our sources do not state them;
+every such default is marked "ours"), prioritized replay, resuming an interrupted fine-tuning run, and
+data-parallel acting/learning over several devices (one process, one device).
+
+Read top to bottom: `Args`, the network set-up, the replay helpers (`add_to_buffers`, `collect`,
+`sample_batch`), acting, evaluation and the report, then `main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import atari
+import cql_multigame
+import replay
+import resnet
+from cql_multigame import ConfigError
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    """Online fine-tuning on an ALE game variant (Scaled QL, Sec. 5.4). "ours" marks values the paper
+    does not state; they follow Dopamine's DQN/Rainbow Atari agents where one exists."""
+
+    # --- what to fine-tune, and on what ---
+    checkpoint: str = ""
+    """checkpoint.pt of a cql_multigame.py run (also needed with --from-scratch: it gives the architecture)"""
+    game: str = "Breakout"
+    """the game to play; its head in the checkpoint is the start (a game without one gets a fresh head)"""
+    mode: int | None = None
+    """ALE game mode of the variant (default: the game's default mode); a wrong one lists the valid modes"""
+    difficulty: int | None = None
+    """ALE difficulty of the variant (default: the game's default difficulty)"""
+    from_scratch: bool = False
+    """the baseline: the same architecture and settings, randomly initialized (nothing pretrained)"""
+    freeze_trunk: bool = False
+    """train only the head: trunk, spatial embedding and shared MLP (the shared representation) stay fixed"""
+
+    # --- run ---
+    run_name: str = ""
+    """run folder under `runs_dir` (default: online_<game>_m<mode>_d<difficulty>_<init>_seed<seed>)"""
+    runs_dir: str = "runs"
+    """where TensorBoard logs, the summary and the fine-tuned checkpoint go"""
+    seed: int = 1
+    """seed of the envs, exploration, replay sampling, a fresh head/network init, and evaluation"""
+    device: str = "auto"
+    """auto (XLA, else CUDA, else MPS, else CPU) or cpu, cuda, cuda:1, mps, xla"""
+
+    # --- environment (atari.py; Dopamine's protocol) ---
+    total_env_steps: int = 3_000_000
+    """budget of agent steps (4 frames each), summed over all envs (ours: a short online budget)"""
+    num_envs: int = 8
+    """envs stepped together with one batched forward per step (ours)"""
+    sticky_actions: float = 0.25
+    """sticky-action probability (DQN-Replay / Dopamine protocol)"""
+    max_episode_steps: int = 27_000
+    """agent steps per training episode before a time-limit cut (Dopamine: 27,000 = 108k frames)"""
+
+    # --- exploration (ours: Dopamine's linearly decaying epsilon, with a low start, see `epsilon_at`) ---
+    epsilon_start: float = 0.1
+    """epsilon until learning starts (ours: low, so the pretrained head's policy collects the first data;
+    pass 1.0 for Dopamine's from-scratch schedule)"""
+    epsilon_end: float = 0.01
+    """final training epsilon (Dopamine's DQN/Rainbow value)"""
+    epsilon_decay_steps: int = 250_000
+    """agent steps after learning starts over which epsilon decays linearly (Dopamine: 250k)"""
+
+    # --- replay (replay.FrameBuffer, one per env) ---
+    buffer_size: int = 1_000_000
+    """transitions kept in total, split evenly over the envs' buffers (Dopamine: 1M; 84x84 bytes each)"""
+    learning_starts: int = 20_000
+    """agent steps collected before the first gradient step (Dopamine's min_replay_history: 20k)"""
+
+    # --- learning (cql_multigame.compute_loss) ---
+    train_every: int = 4
+    """agent steps (summed over envs) per gradient step (Dopamine's update_period: 4)"""
+    batch_size: int = 32
+    """transitions per gradient step, split evenly over the envs' buffers (Dopamine: 32)"""
+    lr: float = 5e-5
+    """Adam learning rate (ours: the paper's single-game 5e-5, from which its 2e-4 at batch 512 was scaled)"""
+    adam_eps: float = 3.125e-4
+    """Adam epsilon (ours: Dopamine's C51/Rainbow value, 0.01/32)"""
+    gamma: float = 0.99
+    """discount (ours: the DQN-Replay agents' value, as in cql_multigame.py)"""
+    n_step: int = 3
+    """n-step return length (ours: the paper's offline value; Dopamine's Rainbow uses 3 too)"""
+    target_update_every: int = 2000
+    """gradient steps between hard target-network updates (ours: the paper's offline value; = Dopamine's
+    8000 agent steps at train_every 4)"""
+    # ours: 0. Online, the replay holds the agent's own recent epsilon-greedy actions, so the target's argmax
+    # and the learned Q-values are corrected by the data the agent itself collects: the out-of-distribution
+    # overestimation that CQL guards against offline is what online exploration fixes. A positive alpha would
+    # keep pushing down the actions the current policy rarely takes, slowing the very adaptation to the
+    # variant that the experiment measures, and would make --from-scratch a conservative learner with no
+    # offline data to be conservative about. Pass --cql-alpha 0.1 (the offline value) to keep the term,
+    # e.g. to soften the early dip in Q-values that some offline-to-online methods see.
+    cql_alpha: float = 0.0
+    """weight of the CQL term online (ours: 0 = plain n-step C51, as the agent's own data covers its actions;
+    0.1 = the offline value)"""
+
+    # --- evaluation and logging ---
+    eval_every: int = 250_000
+    """agent steps between evaluations on the variant (also one before training and one at the end;
+    0: only at the end)"""
+    eval_episodes: int = 8
+    """episodes per evaluation (ours)"""
+    eval_envs: int = 8
+    """evaluation episodes played in parallel, one batched forward per step"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation policy (DQN-Replay protocol)"""
+    eval_max_steps: int = 27_000
+    """agent steps per evaluation episode (DQN-Replay protocol: 27,000)"""
+    log_every: int = 10_000
+    """agent steps between TensorBoard loss/throughput scalars (the only host syncs of the update)"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks and the network
+# ----------------------------------------------------------------------------------------------------
+
+MIN_BUFFER_PER_ENV = 100  # ours: far above stack + n_step, so every env's buffer always has valid indices
+
+
+def check_args(args: Args) -> str:
+    """Flag checks that need no files; returns the canonical game name."""
+    try:
+        game = atari.check_game(args.game)
+    except atari.AtariConfigError as e:
+        raise ConfigError(str(e)) from e
+    positive = {
+        "--total-env-steps": args.total_env_steps,
+        "--num-envs": args.num_envs,
+        "--train-every": args.train_every,
+        "--batch-size": args.batch_size,
+        "--n-step": args.n_step,
+        "--target-update-every": args.target_update_every,
+        "--eval-episodes": args.eval_episodes,
+        "--eval-envs": args.eval_envs,
+        "--max-episode-steps": args.max_episode_steps,
+        "--eval-max-steps": args.eval_max_steps,
+        "--log-every": args.log_every,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}.")
+    for flag, value in {"--learning-starts": args.learning_starts, "--eval-every": args.eval_every,
+                        "--epsilon-decay-steps": args.epsilon_decay_steps}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{flag} must be 0 or more, got {value}.")
+    for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end,
+                        "--eval-epsilon": args.eval_epsilon}.items():  # fmt: skip
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}.")
+    if not 0.0 < args.gamma <= 1.0 or args.cql_alpha < 0.0 or args.lr <= 0.0:
+        raise ConfigError("--gamma must be in (0, 1], --cql-alpha 0 or more and --lr positive.")
+    if args.buffer_size // args.num_envs < MIN_BUFFER_PER_ENV:
+        raise ConfigError(
+            f"--buffer-size {args.buffer_size} gives each of the {args.num_envs} envs fewer than "
+            f"{MIN_BUFFER_PER_ENV} transitions; use at least {MIN_BUFFER_PER_ENV * args.num_envs}."
+        )
+    if not args.checkpoint:
+        raise ConfigError(
+            "--checkpoint is required (the checkpoint.pt of a cql_multigame.py run; with --from-scratch "
+            "it gives the architecture)."
+        )
+    return game
+
+
+def build_network(
+    ckpt: dict[str, Any], path: str, game: str, from_scratch: bool, seed: int
+) -> tuple[resnet.QNetwork, str]:
+    """A one-head QNetwork for `game` and a line saying where its weights come from.
+
+    Pretrained: trunk, spatial embedding and shared MLP of the checkpoint; the game's head copied when the
+    checkpoint has one, else a fresh head (resnet.transfer). From scratch: the same architecture, random.
+    """
+    pretrained = cql_multigame.network_from_checkpoint(ckpt, path=path)  # one sentence if it doesn't fit
+    games = list(ckpt["games"])
+    torch.manual_seed(seed)  # the fresh head or the from-scratch network
+    if from_scratch:
+        net = resnet.QNetwork(**{**pretrained.config(), "num_games": 1})
+        return net, f"random init of the checkpoint's {net.arch} architecture (--from-scratch)"
+    net = resnet.transfer(pretrained, 1)
+    if game not in games:
+        return net, (
+            f"pretrained representation of {path}; {game} has no head there (it knows "
+            f"{', '.join(games)}), so its head is fresh"
+        )
+    g = games.index(game)
+    with torch.no_grad():
+        net.heads.weight[0] = pretrained.heads.weight[g]  # [A*K, D]
+        net.heads.bias[0] = pretrained.heads.bias[g]  # [A*K]
+    return net, f"pretrained network of {path} with its {game} head"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay: one FrameBuffer per env
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_buffers(args: Args, legal: list[int]) -> list[replay.FrameBuffer]:
+    """One replay.FrameBuffer per env; each stores minimal-set action indices and maps them to full-set ids
+    when sampling (the DQN-Replay convention, as in the offline data)."""
+    capacity = args.buffer_size // args.num_envs
+    return [
+        replay.FrameBuffer(capacity, n_step=args.n_step, gamma=args.gamma, action_map=legal, game=0)
+        for _ in range(args.num_envs)
+    ]
+
+
+def add_to_buffers(
+    buffers: list[replay.FrameBuffer],
+    obs: np.ndarray,
+    action_index: np.ndarray,
+    reward: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+) -> None:
+    """Store one vector step: env i's transition goes to buffers[i].
+
+    obs uint8 [N, 4, 84, 84]: the observations the actions were TAKEN in (not the ones the step returned);
+    only the newest frame obs[i, -1] is stored, the buffer rebuilds the stack (zero-padded at episode starts,
+    exactly like the env's own stack after a reset). action_index int [N]: minimal-set indices. reward [N]:
+    unclipped, clipped here to [-1, 1]. The episode ends with this step on a game over or a time-limit cut
+    (terminal = terminated or truncated, as DQN-Replay marks time-limit cuts).
+    """
+    clipped = np.clip(reward, -1.0, 1.0)
+    done = np.logical_or(terminated, truncated)
+    for i, buf in enumerate(buffers):
+        buf.add(obs[i, -1], int(action_index[i]), float(clipped[i]), bool(done[i]))
+
+
+def collect(
+    envs: Any, obs: np.ndarray, action_index: np.ndarray, legal: np.ndarray, buffers: list[replay.FrameBuffer]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step every env once and store the transitions; returns (next obs [N, 4, 84, 84], reward [N]
+    unclipped, done [N] bool).
+
+    atari.make_vec_env autoresets SAME_STEP: when env i ends on this step, next_obs[i] is already the first
+    observation [0, 0, 0, f0] of its next episode. So next_obs is exactly what the agent acts on next, the
+    transition just stored is marked terminal, and the next add() to buffers[i] starts a new episode (with
+    its padding) from f0. The final observation (info["final_obs"]) is never stored, as in DQN-Replay: a
+    terminal transition's bootstrap has discount 0.
+    """
+    next_obs, reward, terminated, truncated, _ = envs.step(legal[action_index])
+    add_to_buffers(buffers, obs, action_index, reward, terminated, truncated)
+    return next_obs, np.asarray(reward, np.float64), np.logical_or(terminated, truncated)
+
+
+def sample_batch(
+    buffers: list[replay.FrameBuffer], batch_size: int, rng: np.random.Generator, call: int
+) -> replay.Batch:
+    """Equal shares: batch_size // N from every env's buffer, the batch_size % N extra slots to buffers in
+    a rotating order (by `call`, the number of earlier batches), concatenated env by env.
+
+    Every env adds one transition per vector step, so the buffers hold (nearly) equally many transitions
+    and equal shares are (nearly) uniform sampling over all stored transitions, with static shares.
+    """
+    n = len(buffers)
+    shares = [batch_size // n + int((i - call) % n < batch_size % n) for i in range(n)]
+    parts = [buf.sample(k, rng) for buf, k in zip(buffers, shares, strict=True) if k > 0]
+    return replay.Batch(*(np.concatenate(field) for field in zip(*parts, strict=True)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Acting
+# ----------------------------------------------------------------------------------------------------
+
+
+def epsilon_at(args: Args, env_steps: int) -> float:
+    """Dopamine's linearly_decaying_epsilon: epsilon_start until learning starts, then linear to
+    epsilon_end over epsilon_decay_steps agent steps, then epsilon_end."""
+    if args.epsilon_decay_steps == 0:
+        return args.epsilon_end if env_steps >= args.learning_starts else args.epsilon_start
+    frac = min(max(env_steps - args.learning_starts, 0) / args.epsilon_decay_steps, 1.0)
+    return args.epsilon_start + frac * (args.epsilon_end - args.epsilon_start)
+
+
+@torch.no_grad()
+def act(
+    net: resnet.QNetwork,
+    obs: np.ndarray,
+    support: torch.Tensor,
+    legal_t: torch.Tensor,
+    epsilon: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Epsilon-greedy minimal-set action indices [N] for obs uint8 [N, 4, 84, 84]: one batched forward."""
+    device = support.device
+    x = torch.from_numpy(obs).to(device)  # [N, 4, 84, 84]
+    logits = net(x, torch.zeros(len(obs), dtype=torch.int64, device=device))  # [N, 18, K]
+    q = cql_multigame.expected_q(logits, support)[:, legal_t]  # [N, L]
+    greedy = q.argmax(-1).cpu().numpy()  # [N]
+    explore = rng.random(len(obs)) < epsilon  # [N]
+    return np.where(explore, rng.integers(len(legal_t), size=len(obs)), greedy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and the report
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate_variant(
+    net: resnet.QNetwork, game: str, support: torch.Tensor, args: Args, seed: int
+) -> dict[str, Any]:
+    """Play the variant with atari.evaluate; mean return and the base game's human-normalized score."""
+    returns = atari.evaluate(
+        cql_multigame.make_q_fn(net, 0, support, support.device, False),
+        game,
+        num_episodes=args.eval_episodes,
+        num_envs=args.eval_envs,
+        epsilon=args.eval_epsilon,
+        seed=seed,
+        mode=args.mode,
+        difficulty=args.difficulty,
+        sticky_actions=args.sticky_actions,
+        max_episode_steps=args.eval_max_steps,
+    )
+    mean = float(np.mean(returns))
+    hns = float(atari.human_normalized_score(game, mean)) if cql_multigame.has_human_score(game) else None
+    return {"returns": [float(r) for r in returns], "mean_return": mean, "hns": hns}
+
+
+def _variant(value: int | None) -> str:
+    return "default" if value is None else str(value)
+
+
+def format_table(game: str, args: Args, evaluations: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per evaluation. The human-normalized score uses the base game's human and
+    random scores (variants have none of their own)."""
+    lines = [
+        "| game | mode | difficulty | env steps | mean return | human-normalized (base game) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in evaluations:
+        hns = "n/a (no human score)" if e["hns"] is None else f"{e['hns']:.3f}"
+        lines.append(
+            f"| {game} | {_variant(args.mode)} | {_variant(args.difficulty)} | {e['env_steps']:,} | "
+            f"{e['mean_return']:.1f} | {hns} |"
+        )
+    return "\n".join(lines)
+
+
+def default_run_name(args: Args, game: str) -> str:
+    init = "scratch" if args.from_scratch else "pretrained"
+    frozen = "_frozen" if args.freeze_trunk else ""
+    variant = f"m{_variant(args.mode)}_d{_variant(args.difficulty)}"
+    return args.run_name or f"online_{game}_{variant}_{init}{frozen}_seed{args.seed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict[str, Any]:
+    game = check_args(args)
+    device = cql_multigame.select_device(args.device)
+    envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
+        game,
+        args.num_envs,
+        mode=args.mode,
+        difficulty=args.difficulty,
+        sticky_actions=args.sticky_actions,
+        seed=args.seed,
+        max_episode_steps=args.max_episode_steps,
+    )
+    try:
+        return _train(args, game, device, envs)
+    finally:
+        envs.close()
+
+
+def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, Any]:
+    ckpt = cql_multigame.load_checkpoint(args.checkpoint)
+    net, origin = build_network(ckpt, args.checkpoint, game, args.from_scratch, args.seed)
+    run_dir = Path(args.runs_dir) / default_run_name(args, game)
+    if (run_dir / "summary.json").exists() or (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; pass another --run-name or --seed.")
+    run_args = ckpt.get("args", {}) or {}
+    # ours: the C51 default [-10, 10] when the checkpoint's args lack the support
+    v_min, v_max = float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0))
+    support = torch.linspace(v_min, v_max, net.num_atoms, device=device)  # [K]
+
+    net = net.to(device)
+    if args.freeze_trunk:
+        for part in (net.trunk, net.spatial_embedding, net.shared_mlp):
+            part.requires_grad_(False)
+    target_net = resnet.QNetwork(**net.config()).to(device)
+    target_net.load_state_dict(net.state_dict())
+    target_net.requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, eps=args.adam_eps)  # ours: fresh Adam state
+    legal = np.asarray(atari.legal_actions(game))  # [L] full-set ids
+    legal_t = torch.as_tensor(legal, device=device)
+    legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, 18]
+    buffers = make_buffers(args, legal.tolist())
+    rng = np.random.default_rng(args.seed)
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
+    )
+    counts = resnet.count_parameters(net)
+    trainable = sum(p.numel() for p in params)
+    print(
+        f"{game} mode {_variant(args.mode)} difficulty {_variant(args.difficulty)}: {origin}\n"
+        f"device {device}, {net.arch}: {counts['total'] / 1e6:.2f}M parameters "
+        f"({trainable / 1e6:.2f}M trained), {args.num_envs} envs, "
+        f"{args.buffer_size // args.num_envs:,} transitions per env buffer; logs in {run_dir}"
+    )
+
+    evaluations: list[dict[str, Any]] = []
+
+    def run_eval(at: int) -> None:
+        result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+        result["env_steps"] = at
+        evaluations.append(result)
+        writer.add_scalar(f"eval/{game}/return", result["mean_return"], at)
+        if result["hns"] is not None:
+            writer.add_scalar(f"eval/{game}/hns", result["hns"], at)
+        hns = "" if result["hns"] is None else f", human-normalized {result['hns']:.3f}"
+        progress.write(f"evaluation at {at:,} env steps: mean return {result['mean_return']:.1f}{hns}")
+
+    progress = tqdm(total=args.total_env_steps, unit="step", dynamic_ncols=True, mininterval=1.0)
+    env_steps = vec_steps = updates = 0
+    eval_time = 0.0  # seconds spent in evaluations inside the loop (left out of the throughput)
+    metrics: dict[str, torch.Tensor] = {}
+    episode_return = np.zeros(args.num_envs)
+    episode_length = np.zeros(args.num_envs, np.int64)
+    recent_returns: list[float] = []
+    try:
+        if args.eval_every:
+            run_eval(0)  # the zero-shot score on the variant
+        obs, _ = envs.reset()  # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env
+        loop_start = time.perf_counter()
+        last_log = (loop_start, 0, 0, 0.0)  # time, env steps, updates, eval time
+        next_eval = args.eval_every
+        while env_steps < args.total_env_steps:
+            epsilon = epsilon_at(args, env_steps)
+            action_index = act(net, obs, support, legal_t, epsilon, rng)  # [N] minimal-set indices
+            obs, reward, done = collect(envs, obs, action_index, legal, buffers)
+            env_steps += args.num_envs
+            vec_steps += 1
+            progress.update(args.num_envs)
+            episode_return += reward
+            episode_length += 1
+            for i in np.flatnonzero(done):
+                writer.add_scalar("charts/episodic_return", episode_return[i], env_steps)
+                writer.add_scalar("charts/episodic_length", episode_length[i], env_steps)
+                recent_returns = (recent_returns + [float(episode_return[i])])[-20:]
+                episode_return[i], episode_length[i] = 0.0, 0
+
+            # One gradient step per train_every agent steps after learning_starts. Every buffer can be
+            # sampled once each env has added more than n_step transitions (vec_steps > n_step).
+            due = max(env_steps - args.learning_starts, 0) // args.train_every
+            while updates < due and vec_steps > args.n_step:
+                b = sample_batch(buffers, args.batch_size, rng, updates)
+                batch = {k: torch.from_numpy(v).to(device) for k, v in b._asdict().items()}
+                loss, metrics = cql_multigame.compute_loss(
+                    net, target_net, batch, support, legal_table, args.cql_alpha
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                updates += 1
+                if updates % args.target_update_every == 0:
+                    target_net.load_state_dict(net.state_dict())
+                cql_multigame.sync_device(device)
+
+            if env_steps // args.log_every != (env_steps - args.num_envs) // args.log_every:
+                now = time.perf_counter()
+                span = max(now - last_log[0] - (eval_time - last_log[3]), 1e-9)
+                sps, ups = (env_steps - last_log[1]) / span, (updates - last_log[2]) / span
+                last_log = (now, env_steps, updates, eval_time)
+                writer.add_scalar("charts/epsilon", epsilon, env_steps)
+                writer.add_scalar("charts/env_steps_per_second", sps, env_steps)
+                writer.add_scalar("charts/updates_per_second", ups, env_steps)
+                writer.add_scalar("charts/samples_per_second", ups * args.batch_size, env_steps)
+                postfix = {"eps": f"{epsilon:.3f}", "sps": f"{sps:.0f}", "ups": f"{ups:.1f}"}
+                if recent_returns:
+                    postfix["return"] = f"{np.mean(recent_returns):.1f}"
+                if metrics:
+                    values = {k: float(v) for k, v in metrics.items()}  # the update's only host sync
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"the loss became {values['loss']} after {updates} updates ({env_steps:,} env "
+                            "steps); lower --lr."
+                        )
+                    for k, tag in cql_multigame.TRAIN_SCALARS:
+                        writer.add_scalar(tag, values[k], env_steps)
+                    postfix.update(loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}")
+                progress.set_postfix(postfix)
+
+            if args.eval_every and env_steps >= next_eval and env_steps < args.total_env_steps:
+                start = time.perf_counter()
+                run_eval(env_steps)
+                eval_time += time.perf_counter() - start
+                while next_eval <= env_steps:
+                    next_eval += args.eval_every
+        train_time = max(time.perf_counter() - loop_start - eval_time, 1e-9)
+        run_eval(env_steps)
+    finally:
+        progress.close()
+
+    cql_multigame.save_checkpoint(
+        run_dir / "checkpoint.pt",
+        {
+            "model": net.state_dict(),
+            "target": target_net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": updates,
+            "args": {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max},
+            "net_config": net.config(),
+            "games": [game],
+            "rng": {"torch": torch.get_rng_state()},
+            "replay": {},
+        },
+    )
+    summary = {
+        "game": game,
+        "mode": args.mode,
+        "difficulty": args.difficulty,
+        "init": "scratch" if args.from_scratch else "pretrained",
+        "freeze_trunk": args.freeze_trunk,
+        "checkpoint": args.checkpoint,
+        "env_steps": env_steps,
+        "updates": updates,
+        "final_return": evaluations[-1]["mean_return"],
+        "final_hns": evaluations[-1]["hns"],
+        "evaluations": evaluations,
+        "env_steps_per_second": env_steps / train_time,
+        "updates_per_second": updates / train_time,
+        "run_dir": str(run_dir),
+    }
+    writer.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(game, args, evaluations))
+    print(
+        f"\n{env_steps:,} env steps, {updates:,} updates: {summary['env_steps_per_second']:.0f} env steps/s, "
+        f"{summary['updates_per_second']:.1f} updates/s (evaluation time excluded)\n"
+        f"TensorBoard: tensorboard --logdir {args.runs_dir}\ncheckpoint:  {run_dir / 'checkpoint.pt'}\n"
+        f"summary:     {run_dir / 'summary.json'}"
+    )
+    return summary
+
+
+def run(args: Args) -> None:
+    """Run `main`, printing user mistakes as one line instead of a traceback."""
+    try:
+        main(args)
+    except (ConfigError, atari.AtariConfigError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    run(tyro.cli(Args))
