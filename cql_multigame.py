@@ -141,6 +141,8 @@ class Args:
     """gradient steps between checkpoints (also written at the end)"""
     save_all_ranks: bool = False
     """debug: every process writes its final parameters to params_rank<r>.pt (the DDP test uses it)"""
+    xla_metrics: bool = False
+    """debug on XLA: print the graph compile/execute counts at every log interval (should stop growing)"""
 
 
 PRESETS: dict[str, tuple[str, Args]] = {
@@ -276,6 +278,23 @@ def setup_distributed(device: torch.device) -> Dist:
     # ours: a long timeout, because the other ranks wait while rank 0 evaluates 40 games.
     dist.init_process_group(backend, timeout=timedelta(hours=3))
     return Dist(rank=dist.get_rank(), world_size=world_size)
+
+
+def xla_metrics_line(step: int, rank: int = 0) -> str:
+    """Compile/execute counts of torch_xla's metrics; after warm-up only the execute count should grow."""
+    import torch_xla.debug.metrics as met
+
+    def count(name: str) -> int:
+        data = met.metric_data(name)  # (count, total ns, samples) or None
+        return int(data[0]) if data else 0
+
+    compile_s = (met.metric_data("CompileTime") or (0, 0))[1] / 1e9
+    fallbacks = {n: met.counter_value(n) for n in met.counter_names() if n.startswith("aten::")}
+    return (
+        f"[xla rank {rank}] step {step}: compiles {count('CompileTime')} ({compile_s:.1f} s), "
+        f"executions {count('ExecuteTime')}, device->host transfers {count('TransferFromDeviceTime')}, "
+        f"cpu fallbacks {fallbacks or 'none'}"
+    )
 
 
 def sync_device(device: torch.device) -> None:
@@ -469,8 +488,21 @@ class BatchStream:
 # ----------------------------------------------------------------------------------------------------
 
 
+def to_cpu(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a killed process leaves the previous checkpoint intact."""
+    """Write atomically: a killed process leaves the previous checkpoint intact. Tensors are saved on the
+    CPU (as xm.save does on XLA), so a checkpoint loads anywhere, also without torch_xla or a GPU."""
+    state = to_cpu(state)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -547,7 +579,9 @@ def make_q_fn(net: torch.nn.Module, game_index: int, support: torch.Tensor, devi
     @torch.no_grad()
     def q_fn(obs: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(obs)).to(device)
-        g = torch.full((x.shape[0],), game_index, dtype=torch.int64, device=device)
+        # built on the host and copied: on XLA a device-side full() bakes game ids 0 and 1 into the graph
+        # as constants (3 eval graphs); as data, all games share one graph per batch size
+        g = torch.full((x.shape[0],), game_index, dtype=torch.int64).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = net(x, g)
         return expected_q(logits, support).cpu().numpy()
@@ -756,6 +790,12 @@ def main(args: Args) -> dict[str, Any]:
             resume_ckpt["replay"] if d.rank == 0 else load_rank_replay_state(run_dir, d.rank, step)
         )
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
+    if d.xla and d.world_size > 1:
+        import torch_xla.core.xla_model as xm
+
+        # replicas start identical: on TPU v2/v3 (and CPU_NUM_DEVICES) replicas are threads of one
+        # process sharing one CPU RNG, so the same seed does not give the same init
+        xm.broadcast_master_param(net)
     target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
     target_net.requires_grad_(False)
 
@@ -800,7 +840,8 @@ def main(args: Args) -> dict[str, Any]:
         )
 
     def save(at_step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
+        # one small graph and one host sync (not one per parameter tensor)
+        if not torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all():
             return  # never overwrite the last good checkpoint with a broken network
         if not d.main:  # every other rank keeps its own sampler state beside the checkpoint
             save_checkpoint(
@@ -867,6 +908,8 @@ def main(args: Args) -> dict[str, Any]:
                     progress.set_postfix(
                         loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
                     )
+                if args.xla_metrics and device.type == "xla":
+                    (progress.write if progress is not None else print)(xla_metrics_line(step, d.rank))
 
             if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
                 if d.main:
@@ -892,6 +935,8 @@ def main(args: Args) -> dict[str, Any]:
         summary.update(result)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(result, step))
+        if args.xla_metrics and device.type == "xla":
+            print(xla_metrics_line(step) + " (after the final evaluation)", flush=True)
         print(
             f"\nTensorBoard: tensorboard --logdir {args.runs_dir}\ncheckpoint:  {ckpt_path}\n"
             f"summary:     {run_dir / 'summary.json'}"

@@ -26,6 +26,7 @@ import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cql_multigame import ConfigError, select_device  # noqa: E402
 from resnet import ARCHS, QNetwork, count_parameters  # noqa: E402
 
 
@@ -43,8 +44,8 @@ class Args:
     """timed iterations per configuration"""
     warmup: int = 3
     """untimed iterations first"""
-    device: str = "cpu"
-    """torch device"""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N, mps or xla (cql_multigame.select_device)"""
     threads: int | None = None
     """torch.set_num_threads; None keeps torch's default"""
     heads_only: bool = False
@@ -163,7 +164,10 @@ def main(args: Args) -> None:
         raise SystemExit(f"unknown arch {unknown[0]!r}: choose from {', '.join(ARCHS)}.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = select_device(args.device)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     info = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
