@@ -118,11 +118,11 @@ class Args:
 
     # --- speed ---
     channels_last: bool = False
-    """store conv activations channels-last (faster on CUDA tensor cores)"""
+    """store conv activations channels-last (faster on CUDA tensor cores; on CPU impala 1.25x)"""
     bf16: bool = False
     """bfloat16 autocast for the network on CUDA/XLA; the loss math stays float32"""
     compile: bool = False
-    """torch.compile the loss computation (CUDA/CPU)"""
+    """torch.compile the loss computation (CUDA; on a 2-core CPU: 76 s to compile tiny, no speed-up)"""
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 1000
@@ -605,7 +605,7 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
     per_game = {}
     for g, game in enumerate(games):
         returns = atari.evaluate(
-            make_q_fn(net, g, support, device, args.bf16 and device.type != "cpu"),
+            make_q_fn(net, g, support, device, args.bf16 and device.type in ("cuda", "xla")),
             game,
             num_episodes=args.eval_episodes,
             num_envs=args.eval_envs,
@@ -721,6 +721,13 @@ def record_missing_games(args: Args) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (a 7x faster Adam step on
+    CPU, the same result to rounding). torch_xla's optimizer_step needs the default implementation."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
+
+
 def default_run_name(args: Args) -> str:
     return args.run_name or f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
 
@@ -780,7 +787,7 @@ def main(args: Args) -> dict[str, Any]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     target_net = target_net.to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
     step = 0
     if resume_ckpt is not None:
         net.load_state_dict(resume_ckpt["model"])

@@ -249,9 +249,7 @@ def train(
     target_net = resnet.QNetwork(**net.config()).to(device)
     target_net.load_state_dict(net.state_dict())
     target_net.requires_grad_(False)
-    optimizer = torch.optim.Adam(
-        [p for p in net.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps
-    )
+    optimizer = cql_multigame.make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
     legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, A]
     bf16 = args.bf16 and device.type in ("cuda", "xla")
 

@@ -422,7 +422,7 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     target_net.load_state_dict(net.state_dict())
     target_net.requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, eps=args.adam_eps)  # ours: fresh Adam state
+    optimizer = cql_multigame.make_optimizer(params, args.lr, args.adam_eps, device)  # ours: fresh Adam state
     legal = np.asarray(atari.legal_actions(game))  # [L] full-set ids
     legal_t = torch.as_tensor(legal, device=device)
     legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, 18]

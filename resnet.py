@@ -216,8 +216,13 @@ class QNetwork(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}.")
-        for name, value in [("num_games", num_games), ("num_actions", num_actions),
-                            ("num_atoms", num_atoms), ("num_spatial", num_spatial), ("mlp_dim", mlp_dim)]:
+        for name, value in [
+            ("num_games", num_games),
+            ("num_actions", num_actions),
+            ("num_atoms", num_atoms),
+            ("num_spatial", num_spatial),
+            ("mlp_dim", mlp_dim),
+        ]:
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
         self.arch, self.num_games, self.num_actions, self.num_atoms = arch, num_games, num_actions, num_atoms
@@ -248,14 +253,22 @@ class QNetwork(nn.Module):
 
     def config(self) -> dict:
         """The constructor's keyword arguments (plain types), to rebuild this network from a checkpoint."""
-        return {"num_games": self.num_games, "arch": self.arch, "num_actions": self.num_actions,
-                "num_atoms": self.num_atoms, "num_spatial": self.num_spatial, "mlp_dim": self.mlp_dim}
+        return {
+            "num_games": self.num_games,
+            "arch": self.arch,
+            "num_actions": self.num_actions,
+            "num_atoms": self.num_atoms,
+            "num_spatial": self.num_spatial,
+            "mlp_dim": self.mlp_dim,
+        }
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 obs [B, 4, 84, 84] -> shared features [B, mlp_dim], each of unit L2 norm."""
         if obs.dtype != torch.uint8 or tuple(obs.shape[1:]) != (4, 84, 84):
-            raise ValueError(f"obs must be uint8 of shape [B, 4, 84, 84] (raw frames; the network scales"
-                             f" them), got {obs.dtype} {tuple(obs.shape)}.")
+            raise ValueError(
+                f"obs must be uint8 of shape [B, 4, 84, 84] (raw frames; the network scales"
+                f" them), got {obs.dtype} {tuple(obs.shape)}."
+            )
         x = obs.to(next(self.trunk.parameters()).dtype) / 255.0  # [B, 4, 84, 84] in [0, 1]
         if self.trunk[0].weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the net was moved to channels_last
@@ -273,8 +286,10 @@ class QNetwork(nn.Module):
 
 def count_parameters(net: QNetwork) -> dict[str, int]:
     """Parameter counts by part: trunk, spatial_embedding, shared_mlp, heads, and their total."""
-    parts = {name: sum(p.numel() for p in getattr(net, name).parameters())
-             for name in ("trunk", "spatial_embedding", "shared_mlp", "heads")}
+    parts = {
+        name: sum(p.numel() for p in getattr(net, name).parameters())
+        for name in ("trunk", "spatial_embedding", "shared_mlp", "heads")
+    }
     parts["total"] = sum(parts.values())
     return parts
 

@@ -11,13 +11,15 @@ measures that), it times, interleaved step by step so that background load hits 
           fixed logits), to show where any difference comes from.
 
 It prints gradient steps/s, samples/s, the ratio full/bare (goal <= 1.10) and the achieved FLOP/s next to
-this machine's measured float32 matmul peak (model FLOPs utilization, as nanoGPT's bench.py reports it).
+this machine's measured float32 peak (model FLOPs utilization, as nanoGPT's bench.py reports it): the
+faster of a large matmul and a large 3x3 convolution, timed in the same interleaved rounds.
 FLOPs are counted with torch.utils.flop_counter on the meta device: online forward + backward (about 3x
 the forward) plus the target forward; the loss math adds < 0.01% and is not counted. The per-game heads
 count as executed (all G heads, resnet.GameHeads form (a)). Writes JSON to benchmarks/results/.
 
     python benchmarks/bench_learner.py                                  # tiny, impala, resnet18 on CPU
-    python benchmarks/bench_learner.py --channels-last
+    python benchmarks/bench_learner.py --channels-last --fused-adam      # the proposed CPU settings
+    python benchmarks/bench_learner.py --threads 1 --steps 8            # steadier on a shared machine
     python benchmarks/bench_learner.py --device cuda --batch-size 512 --bf16   # + resnet34/50/101 on GPU
 
 Left out: data-parallel all-reduce (one process), the target-network copy every 2000 steps (amortized
@@ -67,8 +69,12 @@ class Args:
     """networks and inputs channels-last (as cql_multigame --channels-last)"""
     bf16: bool = False
     """bfloat16 autocast for the networks on CUDA/XLA, as cql_multigame --bf16 (ignored on CPU, like there)"""
+    bf16_cpu: bool = False
+    """with --bf16: autocast on CPU too (cql_multigame ignores --bf16 on CPU; this measures what it gives)"""
     compile: bool = False
     """torch.compile both the full loss and the bare work (as cql_multigame --compile)"""
+    fused_adam: bool = False
+    """Adam(fused=True) for both (CPU/CUDA: one kernel per tensor; cql_multigame uses the default)"""
     threads: int | None = None
     """torch.set_num_threads; None keeps torch's default (all cores)"""
     peak_size: int = 2048
@@ -112,11 +118,23 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, s
     return times
 
 
-def matmul(device: torch.device, n: int) -> Callable[[], None]:
-    """One float32 n x n matmul (2 n^3 FLOPs): timed next to the update, it gives the machine's peak."""
+def matmul(device: torch.device, n: int) -> tuple[Callable[[], None], int]:
+    """One float32 n x n matmul and its FLOPs: timed next to the update, it gives the machine's peak."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    return lambda: torch.matmul(a, b)
+    return (lambda: torch.matmul(a, b)), 2 * n**3
+
+
+def conv(device: torch.device) -> tuple[Callable[[], None], int]:
+    """One large float32 3x3 convolution (channels-last, [16, 512, 14, 14]) and its FLOPs.
+
+    The second peak: on CPUs where the BLAS takes a slower path than the convolution library (this
+    repo's AMD EPYC: MKL's sgemm reaches ~200 GFLOP/s, oneDNN's convolutions ~500), the networks' convs
+    run faster than any matmul, and a matmul-only peak would give an MFU above 100%.
+    """
+    x = torch.randn(16, 512, 14, 14, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(512, 512, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    return (lambda: torch.nn.functional.conv2d(x, w, padding=1)), 2 * 16 * 512 * 512 * 9 * 14 * 14
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,8 +182,9 @@ def bench_arch(arch: str, args: Args, device: torch.device, bf16: bool) -> dict:
     net = resnet.QNetwork(len(games), arch).to(device).to(memory_format=memory_format)
     target = copy.deepcopy(net).requires_grad_(False)
     bare_net = copy.deepcopy(net)  # same weights, its own optimizer: the two variants never share state
-    opt = torch.optim.Adam(net.parameters(), lr=2e-4, eps=3.125e-4)
-    bare_opt = torch.optim.Adam(bare_net.parameters(), lr=2e-4, eps=3.125e-4)
+    fused = {"fused": True} if args.fused_adam else {}
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, eps=3.125e-4, **fused)
+    bare_opt = torch.optim.Adam(bare_net.parameters(), lr=2e-4, eps=3.125e-4, **fused)
     batch = fixed_batch(args.batch_size, games, device)
     support = torch.linspace(-10.0, 10.0, net.num_atoms, device=device)
     legal_table = cql.legal_action_table(games).to(device)
@@ -218,6 +237,8 @@ def bench_arch(arch: str, args: Args, device: torch.device, bf16: bool) -> dict:
         loss.backward()
         cql.sync_device(device)
 
+    peak_mm, mm_flops = matmul(device, args.peak_size)
+    peak_conv, conv_flops = conv(device)
     t0 = time.perf_counter()
     full()
     bare()
@@ -229,7 +250,8 @@ def bench_arch(arch: str, args: Args, device: torch.device, bf16: bool) -> dict:
             "bare": bare,
             "target_fwd": target_fwd,
             "loss_math": loss_math,
-            "peak_matmul": matmul(device, args.peak_size),  # the peak, under the same load
+            "peak_matmul": peak_mm,  # the peaks, under the same load
+            "peak_conv": peak_conv,
         },
         device,
         args.steps,
@@ -247,13 +269,16 @@ def bench_arch(arch: str, args: Args, device: torch.device, bf16: bool) -> dict:
         "times_s": times,
         "ratio_best": best["full"] / best["bare"],
         "ratio_median": med["full"] / med["bare"],
+        # the same ratio from the parts: bare + the loss math (everything compute_loss adds to the networks)
+        "ratio_from_parts": (best["bare"] + best["loss_math"]) / best["bare"],
         "steps_per_s": 1.0 / best["full"],
         "samples_per_s": args.batch_size / best["full"],
         "bare_steps_per_s": 1.0 / best["bare"],
         "flops_per_update": flops,
         "fwd_flops": fwd_flops,
         "flops_per_s": flops / best["full"],
-        "matmul_peak_flops": 2 * args.peak_size**3 / best["peak_matmul"],
+        "matmul_peak_flops": mm_flops / best["peak_matmul"],
+        "conv_peak_flops": conv_flops / best["peak_conv"],
     }
 
 
@@ -274,9 +299,12 @@ def main(args: Args) -> dict:
             f"error: --num-games must be in 1..{len(atari.TRAIN_GAMES)} and --batch-size at least "
             "--num-games (every batch holds each game)."
         )
-    bf16 = args.bf16 and accelerator  # as cql_multigame.main: autocast only on CUDA/XLA
+    bf16 = args.bf16 and (accelerator or (args.bf16_cpu and device.type == "cpu"))  # as cql_multigame.main
     if args.bf16 and not bf16:
-        print(f"note: --bf16 is ignored on {device.type}, as in cql_multigame.py", file=sys.stderr)
+        print(
+            f"note: --bf16 is ignored on {device.type}, as in cql_multigame.py (see --bf16-cpu)",
+            file=sys.stderr,
+        )
 
     info = {
         "torch": torch.__version__,
@@ -298,14 +326,20 @@ def main(args: Args) -> dict:
             file=sys.stderr,
         )
     info["load_avg_end"] = os.getloadavg()
-    peak = max(r["matmul_peak_flops"] for r in rows)  # the least disturbed of all the rounds
-    info["matmul_peak_flops"] = peak
+    info["matmul_peak_flops"] = max(r["matmul_peak_flops"] for r in rows)  # least disturbed of all rounds
+    info["conv_peak_flops"] = max(r["conv_peak_flops"] for r in rows)
+    peak = max(info["matmul_peak_flops"], info["conv_peak_flops"])
+    info["peak_flops"] = peak
 
-    flags = [f for f in ("channels_last", "bf16", "compile") if getattr(args, f)]
+    flags = [f for f in ("channels_last", "compile", "fused_adam") if getattr(args, f)] + (
+        ["bf16"] if bf16 else []
+    )
     print(
         f"\nLearner update, batch {args.batch_size}, {args.num_games} games, {device} "
         f"({info['threads']} threads), torch {torch.__version__}, flags: {', '.join(flags) or 'none'}; "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s; load average {info['load_avg_start'][0]:.1f}\n"
+        f"measured float32 peak: matmul {info['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, 3x3 conv "
+        f"{info['conv_peak_flops'] / 1e9:.0f} GFLOP/s (MFU uses the larger); "
+        f"load average {info['load_avg_start'][0]:.1f}\n"
     )
     print(
         "| arch | params | full ms (best / median) | bare ms (best / median) | full / bare (best / median) "

@@ -113,12 +113,21 @@ def bench_networks(args: Args, device: torch.device) -> list[dict]:
                 F.log_softmax(net(obs, game), -1).mean().backward()
 
             sec = _time(step, device, args.iters, args.warmup)
-            rows.append({"arch": arch, "channels_last": channels_last,
-                         "params": count_parameters(net)["total"], "ms_per_step": 1e3 * sec,
-                         "samples_per_s": args.batch_size / sec,
-                         "gflop_per_step": flops / 1e9, "gflops_achieved": flops / sec / 1e9})
-            print(f"  {arch:9s} channels_last={channels_last!s:5s} {args.batch_size / sec:8.1f} samples/s",
-                  file=sys.stderr)
+            rows.append(
+                {
+                    "arch": arch,
+                    "channels_last": channels_last,
+                    "params": count_parameters(net)["total"],
+                    "ms_per_step": 1e3 * sec,
+                    "samples_per_s": args.batch_size / sec,
+                    "gflop_per_step": flops / 1e9,
+                    "gflops_achieved": flops / sec / 1e9,
+                }
+            )
+            print(
+                f"  {arch:9s} channels_last={channels_last!s:5s} {args.batch_size / sec:8.1f} samples/s",
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -150,8 +159,11 @@ def bench_heads(args: Args, device: torch.device) -> list[dict]:
             y = torch.baddbmm(b.unsqueeze(1), xc, w.transpose(1, 2))
             y.sum().backward()
 
-        for name, fn in [("a: matmul all heads + gather", form_a), ("b: gather weights + bmm", form_b),
-                         (f"c: bmm over games ({per}/game, equal shares only)", form_c)]:
+        for name, fn in [
+            ("a: matmul all heads + gather", form_a),
+            ("b: gather weights + bmm", form_b),
+            (f"c: bmm over games ({per}/game, equal shares only)", form_c),
+        ]:
             sec = _time(fn, device, args.iters, args.warmup)
             rows.append({"form": name, "batch": batch, "ms_fwd_bwd": 1e3 * sec})
             print(f"  heads {name:45s} B={batch:4d} {1e3 * sec:8.2f} ms", file=sys.stderr)
@@ -168,22 +180,32 @@ def main(args: Args) -> None:
         device = select_device(args.device)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    info = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    result: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
-                    "info": info}
+    info = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    result: dict = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
+        "info": info,
+    }
 
     if not args.heads_only:
         rows = bench_networks(args, device)
         result["networks"] = rows
-        print(f"\nForward+backward, batch {args.batch_size}, {args.num_games} games, D={args.mlp_dim}, "
-              f"{info['device']} ({info['threads']} threads), torch {info['torch']}\n")
+        print(
+            f"\nForward+backward, batch {args.batch_size}, {args.num_games} games, D={args.mlp_dim}, "
+            f"{info['device']} ({info['threads']} threads), torch {info['torch']}\n"
+        )
         print("| arch | channels_last | params | ms/step | samples/s | GFLOP/step | GFLOP/s |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['arch']} | {r['channels_last']} | {r['params'] / 1e6:.1f}M | {r['ms_per_step']:.1f} "
-                  f"| {r['samples_per_s']:.1f} | {r['gflop_per_step']:.2f} | {r['gflops_achieved']:.1f} |")
+            print(
+                f"| {r['arch']} | {r['channels_last']} | {r['params'] / 1e6:.1f}M | {r['ms_per_step']:.1f} "
+                f"| {r['samples_per_s']:.1f} | {r['gflop_per_step']:.2f} | {r['gflops_achieved']:.1f} |"
+            )
 
     heads = bench_heads(args, device)
     result["heads"] = heads
@@ -198,11 +220,15 @@ def main(args: Args) -> None:
         net = QNetwork(40, "resnet101", mlp_dim=args.mlp_dim)
         with FlopCounterMode(display=False) as fc:
             net.trunk(torch.zeros(1, 4, 84, 84))
-    result["resnet101_40_games"] = {"trunk_fwd_flops_per_sample": fc.get_total_flops(),
-                                    "heads_fwd_flops_per_sample": head_fwd}
+    result["resnet101_40_games"] = {
+        "trunk_fwd_flops_per_sample": fc.get_total_flops(),
+        "heads_fwd_flops_per_sample": head_fwd,
+    }
     trunk_flops = fc.get_total_flops()
-    print(f"\nresnet101, 40 games: trunk {trunk_flops / 1e9:.2f} GFLOP/sample forward, heads (form a) "
-          f"{head_fwd / 1e6:.1f} MFLOP/sample = {100 * head_fwd / trunk_flops:.2f}% of the trunk")
+    print(
+        f"\nresnet101, 40 games: trunk {trunk_flops / 1e9:.2f} GFLOP/sample forward, heads (form a) "
+        f"{head_fwd / 1e6:.1f} MFLOP/sample = {100 * head_fwd / trunk_flops:.2f}% of the trunk"
+    )
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"bench_network_{device.type}_b{args.batch_size}.json"
