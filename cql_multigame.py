@@ -597,8 +597,8 @@ def has_human_score(game: str) -> bool:
 def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
     """Play every game with its head; per-game mean return and HNS, and the IQM of HNS with a 95% CI.
 
-    The CI is rliable's stratified bootstrap over episodes within each game; games without a human score
-    are reported by return only.
+    IQM and CI follow rliable on the [episodes, games] matrix of human-normalized returns (stratified
+    bootstrap over episodes within each game); games without a human score are reported by return only.
     """
     was_training = net.training
     net.eval()
@@ -623,12 +623,13 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
     scored_games = [g for g in games if per_game[g]["hns"] is not None]
     result = {"games": per_game, "iqm_hns": None, "iqm_ci": None}
     if scored_games:
-        hns = np.array([per_game[g]["hns"] for g in scored_games])
+        # rliable's score matrix [runs, games], with the evaluation episodes as runs: the IQM is taken over
+        # all its entries and the CI resamples episodes within each game, so the two always agree.
         episode_hns = np.stack(
-            [atari.human_normalized_score(g, np.array(per_game[g]["returns"])) for g in scored_games]
-        )
-        lo, hi = atari.iqm_confidence_interval(episode_hns.T, seed=seed)  # [episodes, games]
-        result.update(iqm_hns=float(atari.iqm(hns)), iqm_ci=[float(lo), float(hi)])
+            [atari.human_normalized_score(g, np.array(per_game[g]["returns"])) for g in scored_games], axis=1
+        )  # [episodes, games]
+        lo, hi = atari.iqm_confidence_interval(episode_hns, seed=seed)
+        result.update(iqm_hns=float(atari.iqm(episode_hns)), iqm_ci=[float(lo), float(hi)])
     return result
 
 

@@ -18,7 +18,7 @@ the forward) plus the target forward; the loss math adds < 0.01% and is not coun
 count as executed (all G heads, resnet.GameHeads form (a)). Writes JSON to benchmarks/results/.
 
     python benchmarks/bench_learner.py                                  # tiny, impala, resnet18 on CPU
-    python benchmarks/bench_learner.py --channels-last --fused-adam      # the proposed CPU settings
+    python benchmarks/bench_learner.py --no-fused-adam                  # unfused Adam, for comparison
     python benchmarks/bench_learner.py --threads 1 --steps 8            # steadier on a shared machine
     python benchmarks/bench_learner.py --device cuda --batch-size 512 --bf16   # + resnet34/50/101 on GPU
 
@@ -73,8 +73,8 @@ class Args:
     """with --bf16: autocast on CPU too (cql_multigame ignores --bf16 on CPU; this measures what it gives)"""
     compile: bool = False
     """torch.compile both the full loss and the bare work (as cql_multigame --compile)"""
-    fused_adam: bool = False
-    """Adam(fused=True) for both (CPU/CUDA: one kernel per tensor; cql_multigame uses the default)"""
+    fused_adam: bool = True
+    """the training scripts' optimizer (cql.make_optimizer: fused Adam on CPU/CUDA); off: Adam's loop"""
     threads: int | None = None
     """torch.set_num_threads; None keeps torch's default (all cores)"""
     peak_size: int = 2048
@@ -182,9 +182,12 @@ def bench_arch(arch: str, args: Args, device: torch.device, bf16: bool) -> dict:
     net = resnet.QNetwork(len(games), arch).to(device).to(memory_format=memory_format)
     target = copy.deepcopy(net).requires_grad_(False)
     bare_net = copy.deepcopy(net)  # same weights, its own optimizer: the two variants never share state
-    fused = {"fused": True} if args.fused_adam else {}
-    opt = torch.optim.Adam(net.parameters(), lr=2e-4, eps=3.125e-4, **fused)
-    bare_opt = torch.optim.Adam(bare_net.parameters(), lr=2e-4, eps=3.125e-4, **fused)
+    if args.fused_adam:
+        opt = cql.make_optimizer(net.parameters(), 2e-4, 3.125e-4, device)
+        bare_opt = cql.make_optimizer(bare_net.parameters(), 2e-4, 3.125e-4, device)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=2e-4, eps=3.125e-4)
+        bare_opt = torch.optim.Adam(bare_net.parameters(), lr=2e-4, eps=3.125e-4)
     batch = fixed_batch(args.batch_size, games, device)
     support = torch.linspace(-10.0, 10.0, net.num_atoms, device=device)
     legal_table = cql.legal_action_table(games).to(device)

@@ -106,6 +106,8 @@ def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
     assert {"model", "target", "optimizer", "rng", "replay", "args"} <= set(ckpt)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["games"]) == set(GAMES) and summary["iqm_hns"] is not None
+    lo, hi = summary["iqm_ci"]
+    assert lo - 1e-9 <= summary["iqm_hns"] <= hi + 1e-9  # point estimate and CI from the same score matrix
     assert list(run_dir.glob("events.out.tfevents.*"))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [3, 6]
