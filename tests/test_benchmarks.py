@@ -27,7 +27,7 @@ def test_every_benchmark_runs_and_the_table_is_assembled(tmp_path):
         str(out),
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    for name in ("learner", "learner_channels_last", "learner_fused_adam", "pipeline", "replay", "env"):
+    for name in ("learner", "learner_channels_last", "learner_unfused", "pipeline", "replay", "env"):
         assert (out / f"bench_{name}.json").is_file(), name
     assert (out / "bench_network_cpu_b32.json").is_file()
     summary = json.loads((out / "performance.json").read_text())
