@@ -729,15 +729,28 @@ def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
 
 
-def default_run_name(args: Args) -> str:
-    return args.run_name or f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
+def choose_run_dir(args: Args) -> Path:
+    """runs/<run_name>. Without --run-name: scaledql_<arch>_<G>games_seed<s>, then _2, _3, ... so that
+    running the same command again starts a new run instead of touching an old one; with --resume, the
+    newest of those that holds a checkpoint. Every process computes the same name (nothing is created yet).
+    """
+    root = Path(args.runs_dir)
+    if args.run_name:
+        return root / args.run_name
+    base = f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
+    names = [base]
+    while (root / names[-1] / "checkpoint.pt").exists():
+        names.append(f"{base}_{len(names) + 1}")
+    if args.resume and len(names) > 1:
+        return root / names[-2]  # the newest run with a checkpoint
+    return root / names[-1]
 
 
 def main(args: Args) -> dict[str, Any]:
     device = select_device(args.device)
     d = setup_distributed(device)
     check_args(args, d.world_size)
-    run_dir = Path(args.runs_dir) / default_run_name(args)
+    run_dir = choose_run_dir(args)
     ckpt_path = run_dir / "checkpoint.pt"
     resume_ckpt = None
     if args.resume:

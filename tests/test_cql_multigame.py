@@ -111,7 +111,7 @@ def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
     assert list(run_dir.glob("events.out.tfevents.*"))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [3, 6]
-    # a second start of the same run must not overwrite it
+    # a second start with the same --run-name must not overwrite it
     r2 = run_script(
         "cql_multigame.py",
         "demo",
@@ -119,10 +119,26 @@ def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
         str(data_dir),
         "--runs-dir",
         str(tmp_path),
+        "--run-name",
+        run_dir.name,
         "--total-steps",
         "6",
     )
     assert r2.returncode != 0 and "--resume" in r2.stderr and "Traceback" not in r2.stderr
+
+
+def test_default_run_names_never_reuse_a_finished_run(tmp_path):
+    args = tiny_args("unused", tmp_path)
+    first = cql_multigame.choose_run_dir(args)
+    assert first.name == "scaledql_tiny_3games_seed1"
+    assert cql_multigame.choose_run_dir(dataclasses.replace(args, resume=True)) == first  # nothing to resume
+    first.mkdir()
+    (first / "checkpoint.pt").touch()
+    assert cql_multigame.choose_run_dir(args).name == "scaledql_tiny_3games_seed1_2"  # the same command again
+    assert (
+        cql_multigame.choose_run_dir(dataclasses.replace(args, resume=True)) == first
+    )  # continue the newest
+    assert cql_multigame.choose_run_dir(dataclasses.replace(args, run_name="mine")).name == "mine"
 
 
 def losses(run_dir):
