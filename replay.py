@@ -41,6 +41,7 @@ Invariants (Dopamine's, with stack size K = 4 and update horizon n; C = capacity
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import os
@@ -398,6 +399,30 @@ def valid_mask(terminal: np.ndarray, add_count: int, n_step: int, stack: int = S
     return is_valid(np.arange(len(terminal)), terminal, add_count, n_step, stack)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Let glibc keep the memory of freed batches instead of handing it back to the OS after every batch.
+
+    A batch of frames (0.9 MB at batch 32, 14 MB at 512) is above glibc's default mmap threshold, so each
+    sample() would map fresh pages and take a page fault per 4 KB on first write, costing more than the copy
+    itself (measured here: gather of 32 transitions 0.57 -> 0.11 ms, of 512: 4.3 -> 2.1 ms). Raising the mmap
+    threshold to glibc's 32 MB maximum and the trim threshold to 256 MB makes freed batches reusable heap
+    memory. Process-wide; it changes no result; a no-op without glibc (macOS, Windows, musl).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def gather_transitions(
     frames: np.ndarray,
     action: np.ndarray,
@@ -458,6 +483,7 @@ class FrameBuffer:
     ):
         if capacity < STACK + n_step:
             raise ValueError(f"FrameBuffer capacity {capacity} is below stack + n_step; use a larger one.")
+        tune_malloc()
         self.capacity, self.n_step, self.gamma, self.game = capacity, n_step, gamma, game
         self.action_map = None if action_map is None else np.asarray(action_map, np.int64)
         self.frames = np.zeros((capacity, *FRAME_SHAPE), np.uint8)  # [C, 84, 84]
@@ -687,6 +713,7 @@ class MultiGameReplay:
             raise ReplayDataError("reload_every must be >= 1 and memory_budget_gb > 0.")
         if len(games) == 0 or len(set(games)) != len(games):
             raise ReplayDataError(f"games {list(games)} must be a non-empty list without repeats.")
+        tune_malloc()  # batches reuse freed heap memory instead of fresh pages (see tune_malloc)
         self.data_dir = Path(data_dir)
         try:
             self.games = [atari.check_game(g) for g in games]
