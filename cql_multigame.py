@@ -722,6 +722,48 @@ def record_missing_games(args: Args) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Backward and one optimizer step. On XLA, xm.optimizer_step also all-reduces the gradients over
+    replicas (the torch-xla idiom); under DDP, backward has already averaged them."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.optimizer_step(optimizer)
+    else:
+        optimizer.step()
+
+
+def write_hyperparameters(writer, args: Any) -> None:
+    """The run's flags as a TensorBoard text table (CleanRL's convention)."""
+    rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+
+
+def checkpoint_state(
+    net: resnet.QNetwork,
+    target_net: resnet.QNetwork,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    args: dict[str, Any],
+    games: list[str],
+    replay_state: dict[str, Any],
+) -> dict[str, Any]:
+    """What every checkpoint of this repo holds (load_checkpoint and network_from_checkpoint read it)."""
+    return {
+        "model": net.state_dict(),
+        "target": target_net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "args": args,
+        "net_config": net.config(),
+        "games": list(games),
+        "rng": {"torch": torch.get_rng_state()},
+        "replay": replay_state,
+    }
+
+
 def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
     """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (a 7x faster Adam step on
     CPU, the same result to rounding). torch_xla's optimizer_step needs the default implementation."""
@@ -836,10 +878,7 @@ def main(args: Args) -> dict[str, Any]:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir))
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
-        )
+        write_hyperparameters(writer, args)
         counts = resnet.count_parameters(net)
         print(
             f"device {device}, {d.world_size} process(es), {args.arch}: "
@@ -869,20 +908,10 @@ def main(args: Args) -> dict[str, Any]:
                 run_dir / f"replay_state_rank{d.rank}.pt", {"step": at_step, "replay": replay_state}
             )
         else:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": net.state_dict(),
-                    "target": target_net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": at_step,
-                    "args": dataclasses.asdict(args),
-                    "net_config": net.config(),
-                    "games": list(args.games),
-                    "rng": {"torch": torch.get_rng_state()},
-                    "replay": replay_state,
-                },
+            state = checkpoint_state(
+                net, target_net, optimizer, at_step, dataclasses.asdict(args), args.games, replay_state
             )
+            save_checkpoint(ckpt_path, state)
 
     try:
         while step < args.total_steps:
@@ -890,14 +919,7 @@ def main(args: Args) -> dict[str, Any]:
             loss, metrics = loss_fn(
                 model, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if d.xla:
-                import torch_xla.core.xla_model as xm
-
-                xm.optimizer_step(optimizer)  # all-reduces gradients over replicas, then steps
-            else:
-                optimizer.step()
+            gradient_step(loss, optimizer, device)
             step += 1
             if step % args.target_update_every == 0:
                 target_net.load_state_dict(net.state_dict())

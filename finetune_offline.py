@@ -255,10 +255,7 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
-    )
+    cql_multigame.write_hyperparameters(writer, args)
     stream = cql_multigame.BatchStream(data, args.batch_size, device, args.prefetch)
     progress = tqdm(
         total=args.total_steps, desc=variant(args), unit="step", dynamic_ncols=True, mininterval=1.0
@@ -266,20 +263,10 @@ def train(
     replay_state, last_log = data.state_dict(), (time.perf_counter(), 0)
 
     def save(at_step: int) -> None:
-        cql_multigame.save_checkpoint(
-            run_dir / "checkpoint.pt",
-            {
-                "model": net.state_dict(),
-                "target": target_net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": at_step,
-                "args": dataclasses.asdict(args),
-                "net_config": net.config(),
-                "games": [game],
-                "rng": {"torch": torch.get_rng_state()},
-                "replay": replay_state,
-            },
+        state = cql_multigame.checkpoint_state(
+            net, target_net, optimizer, at_step, dataclasses.asdict(args), [game], replay_state
         )
+        cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
 
     try:
         for step in range(1, args.total_steps + 1):
@@ -287,9 +274,7 @@ def train(
             loss, metrics = cql_multigame.compute_loss(
                 net, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            cql_multigame.gradient_step(loss, optimizer, device)
             if step % args.target_update_every == 0:
                 target_net.load_state_dict(net.state_dict())
             cql_multigame.sync_device(device)

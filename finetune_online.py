@@ -434,10 +434,7 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
 
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(run_dir))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
-    )
+    cql_multigame.write_hyperparameters(writer, args)
     counts = resnet.count_parameters(net)
     trainable = sum(p.numel() for p in params)
     print(
@@ -497,9 +494,7 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
                 loss, metrics = cql_multigame.compute_loss(
                     net, target_net, batch, support, legal_table, args.cql_alpha
                 )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                cql_multigame.gradient_step(loss, optimizer, device)
                 updates += 1
                 if updates % args.target_update_every == 0:
                     target_net.load_state_dict(net.state_dict())
@@ -540,20 +535,9 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     finally:
         progress.close()
 
-    cql_multigame.save_checkpoint(
-        run_dir / "checkpoint.pt",
-        {
-            "model": net.state_dict(),
-            "target": target_net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": updates,
-            "args": {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max},
-            "net_config": net.config(),
-            "games": [game],
-            "rng": {"torch": torch.get_rng_state()},
-            "replay": {},
-        },
-    )
+    saved_args = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
+    state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved_args, [game], {})
+    cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
     summary = {
         "game": game,
         "mode": args.mode,
