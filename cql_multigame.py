@@ -735,6 +735,28 @@ def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, device: 
         optimizer.step()
 
 
+def fetch_metrics(metrics: dict[str, torch.Tensor], where: str, advice: str) -> dict[str, float]:
+    """The training loop's only host sync (at log intervals): metric tensors -> floats. A non-finite loss
+    stops the run with `where` (e.g. "at step 6"), the last metrics and `advice`."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"the loss became {values['loss']} {where} (last metrics {values}); {advice}"
+        )
+    return values
+
+
+def log_training(
+    writer, values: dict[str, float], step: int, samples_per_second: float, history: Path
+) -> None:
+    """One log interval: the TRAIN_SCALARS and samples/s to TensorBoard, and a line of metrics.jsonl."""
+    for k, tag in TRAIN_SCALARS:
+        writer.add_scalar(tag, values[k], step)
+    writer.add_scalar("charts/samples_per_second", samples_per_second, step)
+    with open(history, "a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
+
+
 def write_hyperparameters(writer, args: Any) -> None:
     """The run's flags as a TensorBoard text table (CleanRL's convention)."""
     rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
@@ -928,26 +950,20 @@ def main(args: Args) -> dict[str, Any]:
                 progress.update(1)
 
             if step % args.log_every == 0 or step == args.total_steps:
-                values = {k: float(v) for k, v in metrics.items()}  # the loop's only host sync
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {values['loss']} at step {step} (last metrics {values}); the last "
-                        f"good checkpoint stays at {ckpt_path}; lower --lr or check the data."
-                    )
+                values = fetch_metrics(
+                    metrics, f"at step {step}",
+                    f"the last good checkpoint stays at {ckpt_path}; lower --lr or check the data.",
+                )  # fmt: skip
                 if d.main:
                     now = time.perf_counter()
                     sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
                     wait = (stream.wait_time - last_log[2]) / max(now - last_log[0], 1e-9)
                     last_log = (now, step, stream.wait_time)
-                    for k, tag in TRAIN_SCALARS:
-                        writer.add_scalar(tag, values[k], step)
-                    writer.add_scalar("charts/samples_per_second", sps, step)
+                    log_training(writer, values, step, sps, history_path)
                     writer.add_scalar("charts/data_wait_fraction", wait, step)
                     for k, v in data.stats().items():
                         if isinstance(v, (int, float)):
                             writer.add_scalar(f"replay/{k}", v, step)
-                    with open(history_path, "a") as f:
-                        f.write(json.dumps({"step": step, **values}) + "\n")
                     progress.set_postfix(
                         loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
                     )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -281,19 +280,13 @@ def train(
             progress.update(1)
 
             if step % args.log_every == 0 or step == args.total_steps:
-                values = {k: float(v) for k, v in metrics.items()}  # the loop's only host sync
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {values['loss']} at step {step}; lower --lr or check the data."
-                    )
+                values = cql_multigame.fetch_metrics(
+                    metrics, f"at step {step}", "lower --lr or check the data."
+                )
                 now = time.perf_counter()
                 sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
                 last_log = (now, step)
-                for k, tag in cql_multigame.TRAIN_SCALARS:
-                    writer.add_scalar(tag, values[k], step)
-                writer.add_scalar("charts/samples_per_second", sps, step)
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **values}) + "\n")
+                cql_multigame.log_training(writer, values, step, sps, run_dir / "metrics.jsonl")
                 progress.set_postfix(
                     loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
                 )

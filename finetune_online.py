@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -513,12 +512,8 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
                 if recent_returns:
                     postfix["return"] = f"{np.mean(recent_returns):.1f}"
                 if metrics:
-                    values = {k: float(v) for k, v in metrics.items()}  # the update's only host sync
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(
-                            f"the loss became {values['loss']} after {updates} updates ({env_steps:,} env "
-                            "steps); lower --lr."
-                        )
+                    where = f"after {updates} updates ({env_steps:,} env steps)"
+                    values = cql_multigame.fetch_metrics(metrics, where, "lower --lr.")
                     for k, tag in cql_multigame.TRAIN_SCALARS:
                         writer.add_scalar(tag, values[k], env_steps)
                     postfix.update(loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}")
