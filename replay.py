@@ -74,9 +74,10 @@ DOWNLOAD_HINT = (
     "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
     "or record data with `python replay.py --out-dir {d} --games <Game>`"
 )
-# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) +
-# reward (float32) + terminal (uint8) + one int32/int64 slot of the valid-index table.
-_ROW_BYTES = FRAME_BYTES + 1 + 4 + 1 + 4
+# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) + the n-step
+# target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
+# slot of the valid-index table (int64 past 2**31 rows).
+_ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
 
 
 class ReplayDataError(ValueError):
@@ -423,6 +424,27 @@ def tune_malloc() -> None:
         pass
 
 
+def n_step_targets(
+    reward: np.ndarray, terminal: np.ndarray, index: np.ndarray, n_step: int, gamma: float, mode: str = "wrap"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dopamine's n-step target pieces for transitions `index` [B] of one store (reward/terminal [F]):
+    (return float32 [B], length L int64 [B] = offset of the next state, discount float32 [B]).
+
+    The return sums gamma^j r_{i+j} over j < L, where L stops at the first terminal in i..i+n-1 (inclusive);
+    discount = gamma^n, or 0 where a terminal lies in that window. mode: np.take's "wrap" for a circular
+    buffer, "clip" for an unrolled one (rows whose window runs off the end are then never sampled)."""
+    window = np.asarray(index, np.int64)[:, None] + np.arange(n_step)  # [B, n]
+    term = np.take(terminal, window, mode=mode) != 0  # [B, n]
+    rew = np.take(reward, window, mode=mode)  # [B, n] float32
+    counted = np.cumsum(term, axis=1) - term == 0  # [B, n]: no terminal strictly before step j
+    powers = (gamma ** np.arange(n_step)).astype(np.float32)  # [n]
+    ret = (rew * counted * powers).sum(axis=1, dtype=np.float32)  # [B]
+    done = term.any(axis=1)  # [B]
+    length = np.where(done, term.argmax(axis=1) + 1, n_step)  # [B]
+    discount = np.where(done, 0.0, gamma**n_step).astype(np.float32)
+    return ret, length, discount
+
+
 def gather_transitions(
     frames: np.ndarray,
     action: np.ndarray,
@@ -442,22 +464,14 @@ def gather_transitions(
     index = np.asarray(index, np.int64)  # [B]
     batch_size = len(index)
     offsets = np.arange(1 - STACK, 1)  # [4]: oldest frame first
+    ret, length, discount = n_step_targets(reward, terminal, index, n_step, gamma)
     obs = np.empty((batch_size, STACK, *frames.shape[1:]), np.uint8)  # [B, 4, 84, 84]
     np.take(frames, index[:, None] + offsets, axis=0, out=obs, mode="wrap")
-    window = index[:, None] + np.arange(n_step)  # [B, n]
-    term = np.take(terminal, window, mode="wrap") != 0  # [B, n]
-    rew = np.take(reward, window, mode="wrap")  # [B, n] float32
-    counted = np.cumsum(term, axis=1) - term == 0  # [B, n]: no terminal strictly before step j
-    powers = (gamma ** np.arange(n_step)).astype(np.float32)  # [n]
-    ret = (rew * counted * powers).sum(axis=1, dtype=np.float32)  # [B]
-    done = term.any(axis=1)  # [B]
-    length = np.where(done, term.argmax(axis=1) + 1, n_step)  # [B]
     next_obs = np.empty_like(obs)
     np.take(frames, (index + length)[:, None] + offsets, axis=0, out=next_obs, mode="wrap")
     act = np.take(action, index, mode="wrap").astype(np.int64)
     if action_map is not None:
         act = action_map[act]
-    discount = np.where(done, 0.0, gamma**n_step).astype(np.float32)
     games = np.broadcast_to(np.asarray(game, np.int64), (batch_size,)).copy()
     return Batch(obs, act, ret, discount, next_obs, games)
 
@@ -734,6 +748,7 @@ class MultiGameReplay:
         self._pieces = self._plan_pieces()  # per game: this rank's units (checkpoints or windows)
         self._plan_memory()
         self._calls = 0
+        self._layouts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # _layout()
         self._rng = np.random.default_rng(seed)
         self._phase = [0] * len(self.games)
         self._loaded: list[list[Piece]] = [[] for _ in self.games]
@@ -834,9 +849,21 @@ class MultiGameReplay:
         self._game_slot = list(range(G))
         self._spare = G if self._rotating else None
         self._frames_arena = np.empty((total, *FRAME_SHAPE), np.uint8)  # [F, 84, 84], touched when loaded
+        # A read-only view with one 4-frame stack per row: _stacks[j] = frames j..j+3 (the state of
+        # transition j + 3). Indexing it copies each stack as one 28 KB block instead of four frames
+        # (sample(512) ~10% faster). Fancy indexing only: np.take on this view would copy it whole.
+        self._stacks = np.lib.stride_tricks.as_strided(
+            self._frames_arena,
+            shape=(total - (STACK - 1), STACK, *FRAME_SHAPE),
+            strides=(FRAME_BYTES, FRAME_BYTES, FRAME_SHAPE[1], 1),
+            writeable=False,
+        )  # [F - 3, 4, 84, 84]
+        # Per row, the n-step target of the transition starting there (n_step_targets at load time, so
+        # that sample() only gathers): return, discount and the offset of the next state's newest frame.
         self._action = np.zeros(total, np.uint8)  # full-set ids
-        self._reward = np.zeros(total, np.float32)
-        self._terminal = np.zeros(total, np.uint8)
+        self._return = np.zeros(total, np.float32)
+        self._discount = np.zeros(total, np.float32)
+        self._next = np.zeros(total, np.uint8)
         self._valid = np.zeros(total, np.int32 if total < 2**31 else np.int64)  # per slot: positions
         self._slot_valid = np.zeros(len(sizes), np.int64)
 
@@ -902,8 +929,12 @@ class MultiGameReplay:
         phys = np.arange(vlo, vhi) % C
         rows = slice(at, at + vhi - vlo)
         self._action[rows] = self._action_map[p.game][small["action"][phys]]
-        self._reward[rows] = small["reward"][phys]
-        self._terminal[rows] = small["terminal"][phys]
+        # Rows whose n-step window runs past vhi are not valid (below), so their clipped values go unused.
+        ret, length, discount = n_step_targets(
+            small["reward"][phys], small["terminal"][phys], np.arange(vhi - vlo), self.n_step, self.gamma,
+            mode="clip",
+        )  # fmt: skip
+        self._return[rows], self._discount[rows], self._next[rows] = ret, discount, length
         i = np.arange(p.lo, p.hi)
         ok = valid_mask(small["terminal"], info.add_count, self.n_step)[i]
         ok &= (i - (STACK - 1) >= vlo) & (i + self.n_step < vhi)  # stack and n-step window are loaded
@@ -975,6 +1006,7 @@ class MultiGameReplay:
             self._game_slot[g], self._spare = self._spare, self._game_slot[g]
             self._loaded[g] = job.result
             self._stats["reloads"] += 1
+            self._layouts.clear()
         self._next_event += 1
         self._submit_next()
 
@@ -990,17 +1022,36 @@ class MultiGameReplay:
             )
         if self._rotating and self._calls == self._next_event * self._interval:
             self._swap()
-        counts = np.full(G, batch_size // G, np.int64)
-        extra = batch_size % G
-        counts[(self._calls * extra + np.arange(extra)) % G] += 1
-        game = np.repeat(np.arange(G), counts)  # [B]
-        slot = np.asarray(self._game_slot)[game]  # [B]
-        choice = self._rng.integers(0, self._slot_valid[slot])  # [B], uniform within each game
-        pos = self._valid[self._slot_start[slot] + choice]  # [B] arena rows
+        game, high, start = self._layout(batch_size)
+        # [B] uniform within each game: floor(u * n) is ~3x faster than Generator.integers with per-row
+        # bounds; the minimum catches the one-in-2**53 draw that rounds up to n.
+        choice = np.minimum((self._rng.random(batch_size) * high).astype(np.int64), high - 1)
+        pos = self._valid[start + choice]  # [B] arena rows; their stacks and n-step windows are loaded
         self._calls += 1
-        return gather_transitions(
-            self._frames_arena, self._action, self._reward, self._terminal, pos, self.n_step, self.gamma, game
+        first = pos - (STACK - 1)  # [B] row of each state's oldest frame
+        return Batch(
+            obs=self._stacks[first],  # [B, 4, 84, 84]
+            action=self._action[pos].astype(np.int64),
+            reward=self._return[pos],
+            discount=self._discount[pos],
+            next_obs=self._stacks[first + self._next[pos]],
+            game=game.copy(),
         )
+
+    def _layout(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For this call: each row's game [B] (batch_size // G per game, the batch_size % G extra rows
+        rotating over the games), and its game's number of valid transitions and first row in _valid.
+        Cached per rotation step (at most G of them) until a swap or a resume changes the slots."""
+        G = len(self.games)
+        extra = batch_size % G
+        key = (batch_size, self._calls * extra % G)
+        if key not in self._layouts:
+            counts = np.full(G, batch_size // G, np.int64)
+            counts[(self._calls * extra + np.arange(extra)) % G] += 1
+            game = np.repeat(np.arange(G), counts)  # [B]
+            slot = np.asarray(self._game_slot)[game]  # [B]
+            self._layouts[key] = (game, self._slot_valid[slot], self._slot_start[slot])
+        return self._layouts[key]
 
     # --- state, stats, summary ---------------------------------------------------------------------------
 
@@ -1042,6 +1093,7 @@ class MultiGameReplay:
             if pieces != self._loaded[g]:
                 self._load_into_slot(self._game_slot[g], pieces)
                 self._loaded[g] = pieces
+        self._layouts.clear()
         self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
         self._next_event = int(state["next_event"])
         self._rng.bit_generator.state = state["rng"]
