@@ -25,7 +25,9 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import multiprocessing as mp
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -380,6 +382,112 @@ def _to_numpy(q: Any) -> np.ndarray:
     return np.asarray(q)
 
 
+def _step_slots(
+    envs: Sequence[gym.Env], obs: np.ndarray, actions: np.ndarray, active: np.ndarray, reset_after: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step envs[i] with actions[i] where active[i], writing observations into obs [n, 4, 84, 84]; an env
+    whose episode ends is reset if reset_after[i]. Returns reward float64 [n] and done bool [n] (0 / False
+    for idle slots). The one stepping loop of evaluate, in this process or in a worker."""
+    reward, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
+    for i in np.flatnonzero(active):
+        obs[i], reward[i], terminated, truncated, _ = envs[i].step(int(actions[i]))
+        done[i] = terminated or truncated
+        if done[i] and reset_after[i]:
+            obs[i] = envs[i].reset()[0]
+    return reward, done
+
+
+class _LocalSlots:
+    """evaluate's env slots, stepped in this process."""
+
+    def __init__(self, env_kwargs: dict[str, Any], seeds: Sequence[int]):
+        self.envs = [make_env(**env_kwargs, seed=int(s)) for s in seeds]
+        self.obs = np.stack([env.reset()[0] for env in self.envs])  # [n, 4, 84, 84]
+
+    def step(self, actions, active, reset_after):
+        return _step_slots(self.envs, self.obs, actions, active, reset_after)
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], seeds: Sequence[int]) -> None:
+    """Subprocess of _WorkerSlots: slots lo..hi-1, observations written into the shared array."""
+    try:
+        obs = np.frombuffer(shared, np.uint8).reshape(-1, STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE)[lo:hi]
+        envs = [make_env(**env_kwargs, seed=int(s)) for s in seeds]
+        for i, env in enumerate(envs):
+            obs[i] = env.reset()[0]
+        conn.send(("ok", None))
+        while (msg := conn.recv()) is not None:
+            conn.send(("ok", _step_slots(envs, obs, *msg)))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class _WorkerSlots:
+    """evaluate's env slots split over `num_workers` subprocesses (contiguous groups), stepped in parallel.
+
+    Observations come back through one shared uint8 array [n, 4, 84, 84] (no pickling of frames); a step
+    sends each worker its actions and flags and waits for all of them. Workers are spawned (not forked), so
+    they never inherit the threads of torch or OpenCV; starting them costs about a second (imports + ROMs).
+    """
+
+    def __init__(self, env_kwargs: dict[str, Any], seeds: Sequence[int], num_workers: int):
+        ctx = mp.get_context("spawn")
+        n = len(seeds)
+        self._shared = ctx.RawArray("B", n * STACK_SIZE * SCREEN_SIZE * SCREEN_SIZE)
+        self.obs = np.frombuffer(self._shared, np.uint8).reshape(n, STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE)
+        bounds = np.linspace(0, n, min(num_workers, n) + 1).round().astype(int)
+        self._groups = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+        self._conns, self._procs = [], []
+        for lo, hi in self._groups:
+            here, there = ctx.Pipe()
+            proc = ctx.Process(
+                target=_slots_worker, args=(there, self._shared, lo, hi, env_kwargs, list(seeds[lo:hi])),
+                daemon=True,
+            )  # fmt: skip
+            proc.start()
+            there.close()
+            self._conns.append(here)
+            self._procs.append(proc)
+        for k in range(len(self._groups)):
+            self._receive(k)
+
+    def _receive(self, k: int) -> Any:
+        try:
+            status, payload = self._conns[k].recv()
+        except EOFError:
+            raise RuntimeError(
+                f"evaluate: env worker {k} exited (exit code {self._procs[k].exitcode}); "
+                "rerun with num_workers=0 to see the error in this process."
+            ) from None
+        if status == "error":
+            raise RuntimeError(f"evaluate: env worker {k} failed:\n{payload}")
+        return payload
+
+    def step(self, actions, active, reset_after):
+        for conn, (lo, hi) in zip(self._conns, self._groups, strict=True):
+            conn.send((actions[lo:hi], active[lo:hi], reset_after[lo:hi]))
+        parts = [self._receive(k) for k in range(len(self._groups))]
+        return np.concatenate([r for r, _ in parts]), np.concatenate([d for _, d in parts])
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None)
+                conn.close()
+            except OSError:  # the worker is already gone
+                pass
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+
+
 def evaluate(
     q_fn: Callable[[np.ndarray], Any],
     game: str,
@@ -392,6 +500,7 @@ def evaluate(
     difficulty: int | None = None,
     sticky_actions: float = 0.25,
     max_episode_steps: int = MAX_EPISODE_STEPS,
+    num_workers: int = 0,
 ) -> np.ndarray:
     """Play `num_episodes` episodes epsilon-greedily over the game's legal actions; return their returns.
 
@@ -402,6 +511,8 @@ def evaluate(
     (num_episodes split as evenly as possible), so no slot's short episodes crowd out long ones. A slot that
     has finished its quota sits idle (not stepped; its last observation stays in the batch and its Q-values
     are ignored). Slots are make_env envs (the same envs make_vec_env builds), seeded from `seed`.
+    num_workers=0 steps the envs in this process (ALE holds the GIL, so threads would not help); k > 0
+    spreads them over k subprocesses, for free cores (up to one per env): same episodes, same returns.
     Returns float64 [num_episodes] unclipped returns, ordered by slot, then by episode within the slot.
     """
     game = check_game(game)
@@ -412,23 +523,23 @@ def evaluate(
         )
     if not 0.0 <= epsilon <= 1.0:
         raise AtariConfigError(f"epsilon must be a probability in [0, 1], got {epsilon}.")
+    if num_workers < 0:
+        raise AtariConfigError(f"num_workers must be 0 (this process) or more, got {num_workers}.")
     n = min(num_envs, num_episodes)
-    quota = [num_episodes // n + (i < num_episodes % n) for i in range(n)]
+    quota = np.array([num_episodes // n + (i < num_episodes % n) for i in range(n)])
     seeds = np.random.SeedSequence(seed).generate_state(n + 1)  # n env seeds + 1 for the policy
     rng = np.random.default_rng(int(seeds[-1]))
     legal = np.asarray(legal_actions(game))  # [L] full-set ids
-    envs = [
-        make_env(game, mode=mode, difficulty=difficulty, sticky_actions=sticky_actions,
-                 seed=int(seeds[i]), max_episode_steps=max_episode_steps)
-        for i in range(n)
-    ]  # fmt: skip
-    obs = np.stack([env.reset()[0] for env in envs])  # [n, 4, 84, 84]
+    env_kwargs = dict(game=game, mode=mode, difficulty=difficulty, sticky_actions=sticky_actions,
+                      max_episode_steps=max_episode_steps)  # fmt: skip
+    seeds = seeds[:n].tolist()
+    slots = _WorkerSlots(env_kwargs, seeds, num_workers) if num_workers else _LocalSlots(env_kwargs, seeds)
     returns: list[list[float]] = [[] for _ in range(n)]
     running = np.zeros(n)
     active = np.ones(n, bool)
     try:
         while active.any():
-            q = _to_numpy(q_fn(obs))
+            q = _to_numpy(q_fn(slots.obs))
             if q.shape != (n, NUM_ACTIONS):
                 raise AtariConfigError(
                     f"q_fn must return Q-values of shape [{n}, {NUM_ACTIONS}] (batch x full action set), "
@@ -437,17 +548,13 @@ def evaluate(
             greedy = legal[np.argmax(q[:, legal], axis=1)]  # [n]
             explore = rng.random(n) < epsilon  # drawn for every slot each step: same RNG stream always
             actions = np.where(explore, legal[rng.integers(len(legal), size=n)], greedy)
-            for i in np.flatnonzero(active):
-                obs[i], reward, terminated, truncated, _ = envs[i].step(int(actions[i]))
-                running[i] += reward
-                if terminated or truncated:
-                    returns[i].append(float(running[i]))
-                    running[i] = 0.0
-                    if len(returns[i]) < quota[i]:
-                        obs[i] = envs[i].reset()[0]
-                    else:
-                        active[i] = False
+            reset_after = np.array([len(r) for r in returns]) + 1 < quota  # this slot has episodes left
+            reward, done = slots.step(actions, active, reset_after)
+            running += reward
+            for i in np.flatnonzero(done):
+                returns[i].append(float(running[i]))
+                running[i] = 0.0
+                active[i] = reset_after[i]
     finally:
-        for env in envs:
-            env.close()
+        slots.close()
     return np.asarray([r for slot in returns for r in slot], dtype=np.float64)

@@ -42,6 +42,8 @@ class Args:
     """Vector-env measurements: steps of the whole batch (agent steps = steps * num_envs)."""
     sticky_actions: float = 0.25
     """Sticky-action probability everywhere (Dopamine's default)."""
+    workers: tuple[int, ...] = (2,)
+    """evaluate(num_workers=k) rows: envs spread over k subprocesses (empty: none)."""
     asynchronous: bool = False
     """Also time make_vec_env(asynchronous=True) (one subprocess per env)."""
     seed: int = 0
@@ -49,11 +51,13 @@ class Args:
     """Where the JSON results go."""
 
 
-def bench_evaluate(args: Args) -> tuple[dict, dict]:
+def bench_evaluate(args: Args, num_workers: int = 0, agent_steps: int | None = None) -> tuple[dict, dict]:
     """(stepping only: from the first q_fn call on, end to end: including making and resetting the envs).
 
     The vector-env rows are timed after their reset, so the stepping-only row is the one to compare them
-    with; end to end adds ~1.5 s of env creation (ROM load) and first resets for 8 envs here.
+    with; end to end adds ~1.5 s of env creation (ROM load) and first resets for 8 envs here. Steps are
+    counted in this process; with workers they happen elsewhere, so the caller passes the count of the
+    in-process run (the same seeds play the same episodes).
     """
     counter = [0]
     first_call: list[float] = []
@@ -75,12 +79,14 @@ def bench_evaluate(args: Args) -> tuple[dict, dict]:
         t = time.perf_counter()
         returns = atari.evaluate(
             q_fn, args.game, num_episodes=args.num_envs * args.episodes_per_env, num_envs=args.num_envs,
-            seed=args.seed, sticky_actions=args.sticky_actions,
+            seed=args.seed, sticky_actions=args.sticky_actions, num_workers=num_workers,
         )  # fmt: skip
         end = time.perf_counter()
     finally:
         atari.DopamineAtari.step = step
-    info = dict(agent_steps=counter[0], episodes=len(returns), mean_return=returns.mean())
+    steps = counter[0] if agent_steps is None else agent_steps
+    info = dict(agent_steps=steps, episodes=len(returns), mean_return=returns.mean())
+    info["returns"] = returns.tolist()
     return {**info, "seconds": end - first_call[0]}, {**info, "seconds": end - t}
 
 
@@ -102,6 +108,11 @@ def main(args: Args) -> None:
     stepping, end_to_end = bench_evaluate(args)
     rows["atari.evaluate (random q_fn)"] = stepping
     rows[f"atari.evaluate, end to end (making the {args.num_envs} envs too)"] = end_to_end
+    for k in args.workers:
+        stepping_k, _ = bench_evaluate(args, num_workers=k, agent_steps=stepping["agent_steps"])
+        if stepping_k["returns"] != stepping["returns"]:
+            raise RuntimeError(f"evaluate(num_workers={k}) played other episodes than in-process evaluate")
+        rows[f"atari.evaluate, num_workers={k} (subprocesses)"] = stepping_k
     vec = atari.make_vec_env(game, args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions)
     rows["atari.make_vec_env (sync)"] = bench_vec(vec, args)
     if args.asynchronous:

@@ -254,6 +254,30 @@ def test_evaluate_returns_exactly_num_episodes_and_is_deterministic():
     assert one.shape == (2,)
 
 
+def frame_dependent_q(obs):
+    """Q-values that depend on every pixel: any wrong observation changes the actions and the returns."""
+    q = np.zeros((len(obs), 18))
+    q[np.arange(len(obs)), obs.reshape(len(obs), -1).astype(np.int64).sum(1) % 18] = 1.0
+    return q
+
+
+def test_evaluate_in_worker_processes_plays_the_same_episodes():
+    kwargs = dict(num_episodes=7, num_envs=5, seed=4, max_episode_steps=150, epsilon=0.1)
+    here = atari.evaluate(frame_dependent_q, "Breakout", **kwargs)
+    assert here.sum() > 0  # the comparison sees points scored, not only zeros
+    for workers in (2, 8):  # uneven groups (3 + 2 slots), and more workers than slots (one per slot)
+        np.testing.assert_array_equal(
+            atari.evaluate(frame_dependent_q, "Breakout", num_workers=workers, **kwargs), here
+        )
+
+
+def test_evaluate_worker_failure_is_raised_here():
+    with pytest.raises(RuntimeError, match="env worker 0 failed"):
+        atari._WorkerSlots(dict(game="NoSuchGame"), [1, 2], num_workers=1)
+    with pytest.raises(ValueError, match="num_workers"):
+        atari.evaluate(frame_dependent_q, "Pong", num_episodes=1, num_workers=-1)
+
+
 @pytest.fixture
 def taken_actions(monkeypatch):
     taken = []

@@ -92,9 +92,11 @@ def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
         "--save-every",
         "3",
         "--eval-episodes",
-        "1",
+        "2",
         "--eval-envs",
-        "1",
+        "2",
+        "--eval-workers",
+        "2",  # the spawned env workers re-import this script: they must not start a run
         "--eval-max-steps",
         "20",
     )
