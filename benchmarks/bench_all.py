@@ -136,7 +136,7 @@ def table_rows(res: dict) -> list[dict]:
             rows.append(row(
                 "replay", f"sample({bs}), n-step 3", f"{1e3 * r[f'sample_{bs}_s']:.3f} ms",
                 f"numpy copy of the same bytes, cold: {1e3 * r[f'copy_cold_{bs}_s']:.3f} ms",
-                f"{ratio:.2f}", "<= 2", ratio <= 2,
+                f"{ratio:.2f} (median {r[f'sample_vs_copy_{bs}_median']:.2f})", "<= 2", ratio <= 2,
             ))  # fmt: skip
         b = r["resident_bytes_per_transition"]
         rows.append(row("replay", "resident bytes per loaded transition", f"{b:,.0f} B",
