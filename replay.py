@@ -693,7 +693,8 @@ class MultiGameReplay:
 
     Sampling: batch_size // G transitions per game, the batch_size % G extra ones to games in rotating
     order; within a game, uniform over the valid transitions of its loaded set (Dopamine's rules). Static
-    shapes; obs and next_obs gathered with one np.take each.
+    shapes. Each row's n-step return, discount and next-state offset are worked out when its checkpoint is
+    loaded (n_step_targets), so sample() only gathers: obs and next_obs as one 4-frame block per state.
     """
 
     def __init__(
