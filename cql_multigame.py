@@ -698,6 +698,20 @@ def check_args(args: Args, world_size: int) -> None:
     if not 0.0 < args.fraction <= 1.0:
         raise ConfigError(f"--fraction {args.fraction} must be in (0, 1].")
     parse_checkpoints(args.checkpoints)
+    check_eval_args(args)
+
+
+def check_eval_args(args: Any) -> None:
+    """The evaluation flags all three scripts share, checked before any training instead of at the first
+    evaluation."""
+    for flag, value in {"--eval-episodes": args.eval_episodes, "--eval-envs": args.eval_envs,
+                        "--eval-max-steps": args.eval_max_steps}.items():  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}.")
+    if args.eval_workers < 0:
+        raise ConfigError(f"--eval-workers must be 0 (in this process) or more, got {args.eval_workers}.")
+    if not 0.0 <= args.eval_epsilon <= 1.0:
+        raise ConfigError(f"--eval-epsilon must be a probability in [0, 1], got {args.eval_epsilon}.")
 
 
 def record_missing_games(args: Args) -> None:

@@ -156,6 +156,7 @@ def check_args(args: Args) -> str:
     if args.batch_size < 1 or args.total_steps < 1:
         raise ConfigError("--batch-size and --total-steps must be at least 1.")
     cql_multigame.parse_checkpoints(args.checkpoints)
+    cql_multigame.check_eval_args(args)
     return game
 
 

@@ -168,10 +168,7 @@ def check_args(args: Args) -> str:
         "--batch-size": args.batch_size,
         "--n-step": args.n_step,
         "--target-update-every": args.target_update_every,
-        "--eval-episodes": args.eval_episodes,
-        "--eval-envs": args.eval_envs,
         "--max-episode-steps": args.max_episode_steps,
-        "--eval-max-steps": args.eval_max_steps,
         "--log-every": args.log_every,
     }
     for flag, value in positive.items():
@@ -181,10 +178,10 @@ def check_args(args: Args) -> str:
                         "--epsilon-decay-steps": args.epsilon_decay_steps}.items():  # fmt: skip
         if value < 0:
             raise ConfigError(f"{flag} must be 0 or more, got {value}.")
-    for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end,
-                        "--eval-epsilon": args.eval_epsilon}.items():  # fmt: skip
+    for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}.")
+    cql_multigame.check_eval_args(args)
     if not 0.0 < args.gamma <= 1.0 or args.cql_alpha < 0.0 or args.lr <= 0.0:
         raise ConfigError("--gamma must be in (0, 1], --cql-alpha 0 or more and --lr positive.")
     if args.buffer_size // args.num_envs < MIN_BUFFER_PER_ENV:

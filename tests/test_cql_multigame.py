@@ -221,6 +221,10 @@ def test_bad_input_stops_with_one_sentence(data_dir, tmp_path):
         main(tiny_args(data_dir, tmp_path, games=("Breakot", "Boxing")))
     with pytest.raises(ConfigError, match="fewer than the 3 games"):
         main(tiny_args(data_dir, tmp_path, batch_size=2))
+    with pytest.raises(ConfigError, match="--eval-workers must be 0"):  # before training, not at evaluation
+        main(tiny_args(data_dir, tmp_path, eval_workers=-1))
+    with pytest.raises(ConfigError, match="--eval-envs must be at least 1"):
+        main(tiny_args(data_dir, tmp_path, eval_envs=0))
     with pytest.raises(ConfigError, match="--resume found no checkpoint"):
         main(tiny_args(data_dir, tmp_path, run_name="nothing", resume=True))
     with pytest.raises(replay.ReplayDataError):
