@@ -382,30 +382,31 @@ def _to_numpy(q: Any) -> np.ndarray:
     return np.asarray(q)
 
 
-def _step_slots(
-    envs: Sequence[gym.Env], obs: np.ndarray, actions: np.ndarray, active: np.ndarray, reset_after: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Step envs[i] with actions[i] where active[i], writing observations into obs [n, 4, 84, 84]; an env
-    whose episode ends is reset if reset_after[i]. Returns reward float64 [n] and done bool [n] (0 / False
-    for idle slots). The one stepping loop of evaluate, in this process or in a worker."""
-    reward, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
-    for i in np.flatnonzero(active):
-        obs[i], reward[i], terminated, truncated, _ = envs[i].step(int(actions[i]))
-        done[i] = terminated or truncated
-        if done[i] and reset_after[i]:
-            obs[i] = envs[i].reset()[0]
-    return reward, done
-
-
 class _LocalSlots:
-    """evaluate's env slots, stepped in this process."""
+    """evaluate's env slots, stepped in this process (or in one worker of _WorkerSlots, writing into its
+    part of the shared observation array `obs`)."""
 
-    def __init__(self, env_kwargs: dict[str, Any], seeds: Sequence[int]):
+    def __init__(self, env_kwargs: dict[str, Any], seeds: Sequence[int], obs: np.ndarray | None = None):
         self.envs = [make_env(**env_kwargs, seed=int(s)) for s in seeds]
-        self.obs = np.stack([env.reset()[0] for env in self.envs])  # [n, 4, 84, 84]
+        if obs is None:
+            obs = np.empty((len(seeds), STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE), np.uint8)
+        self.obs = obs  # [n, 4, 84, 84]
+        for i, env in enumerate(self.envs):
+            self.obs[i] = env.reset()[0]
 
-    def step(self, actions, active, reset_after):
-        return _step_slots(self.envs, self.obs, actions, active, reset_after)
+    def step(
+        self, actions: np.ndarray, active: np.ndarray, reset_after: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step env i with actions[i] where active[i], writing its observation into obs[i]; an env whose
+        episode ends is reset if reset_after[i]. Returns reward float64 [n] and done bool [n] (0 / False for
+        idle slots)."""
+        reward, done = np.zeros(len(self.envs)), np.zeros(len(self.envs), bool)
+        for i in np.flatnonzero(active):
+            self.obs[i], reward[i], terminated, truncated, _ = self.envs[i].step(int(actions[i]))
+            done[i] = terminated or truncated
+            if done[i] and reset_after[i]:
+                self.obs[i] = self.envs[i].reset()[0]
+        return reward, done
 
     def close(self) -> None:
         for env in self.envs:
@@ -413,18 +414,19 @@ class _LocalSlots:
 
 
 def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], seeds: Sequence[int]) -> None:
-    """Subprocess of _WorkerSlots: slots lo..hi-1, observations written into the shared array."""
+    """Subprocess of _WorkerSlots: slots lo..hi-1 as a _LocalSlots writing into the shared array."""
+    slots = None
     try:
         obs = np.frombuffer(shared, np.uint8).reshape(-1, STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE)[lo:hi]
-        envs = [make_env(**env_kwargs, seed=int(s)) for s in seeds]
-        for i, env in enumerate(envs):
-            obs[i] = env.reset()[0]
+        slots = _LocalSlots(env_kwargs, seeds, obs)
         conn.send(("ok", None))
         while (msg := conn.recv()) is not None:
-            conn.send(("ok", _step_slots(envs, obs, *msg)))
+            conn.send(("ok", slots.step(*msg)))
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
+        if slots is not None:
+            slots.close()
         conn.close()
 
 
