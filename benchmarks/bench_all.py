@@ -166,9 +166,9 @@ def table_rows(res: dict) -> list[dict]:
                 "environment", "the same, against one core", f"{ours:,.0f}",
                 f"ale-py AtariVectorEnv, {n} envs, 1 thread: {one:,.0f}", f"{ours / one:.2f}",
             ))  # fmt: skip
-        for name, r in e.items():
-            if name.startswith("atari.evaluate, num_workers="):
-                k, sps = name.split("=")[1].split()[0], r["agent_steps_per_s"]
+        for r in e.values():
+            if r.get("num_workers"):
+                k, sps = r["num_workers"], r["agent_steps_per_s"]
                 rows.append(row(
                     "environment", f"atari.evaluate(num_workers={k}), {n} envs in {k} subprocesses",
                     f"{sps:,.0f}", f"ale-py AtariVectorEnv, {n} envs, C++ threads: {raw:,.0f}",

@@ -112,7 +112,7 @@ def main(args: Args) -> None:
         stepping_k, _ = bench_evaluate(args, num_workers=k, agent_steps=stepping["agent_steps"])
         if stepping_k["returns"] != stepping["returns"]:
             raise RuntimeError(f"evaluate(num_workers={k}) played other episodes than in-process evaluate")
-        rows[f"atari.evaluate, num_workers={k} (subprocesses)"] = stepping_k
+        rows[f"atari.evaluate, num_workers={k} (subprocesses)"] = {**stepping_k, "num_workers": k}
     vec = atari.make_vec_env(game, args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions)
     rows["atari.make_vec_env (sync)"] = bench_vec(vec, args)
     if args.asynchronous:

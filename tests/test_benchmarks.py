@@ -39,6 +39,7 @@ def test_every_benchmark_runs_and_the_table_is_assembled(tmp_path):
     assert (
         table.startswith("## Performance") and "| learner tiny |" in table and "python benchmarks/" in table
     )
+    assert "atari.evaluate(num_workers=2), 2 envs in 2 subprocesses" in table  # bench_env's worker row
 
 
 def test_a_wrong_flag_is_one_sentence_without_traceback(tmp_path):
