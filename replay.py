@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import math
 import os
 import re
@@ -1175,12 +1176,38 @@ def _worker_init(counter: Any) -> None:
         pass
 
 
+def _scripted_policy(
+    policy: str, game: str, legal: list[int], env: Any, rng: np.random.Generator
+) -> Callable[[np.ndarray], int]:
+    """`module:function`, called as function(game, env, rng) -> act(obs) -> full-set action id (e.g.
+    experiments.behavior:scripted, which reads the emulator RAM); wrapped to give minimal-set indices."""
+    import importlib
+
+    module, _, name = policy.partition(":")
+    try:
+        make = getattr(importlib.import_module(module), name)
+        act_full = make(game, env, rng)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ReplayDataError(f"--policy {policy}: {e}") from None
+    index = {a: i for i, a in enumerate(legal)}
+
+    def act(obs: np.ndarray) -> int:
+        a = int(act_full(obs))
+        if a not in index:
+            raise ReplayDataError(f"--policy {policy} chose action {a}, not one of {game}'s legal {legal}.")
+        return index[a]
+
+    return act
+
+
 def _make_policy(
-    policy: str, game: str, legal: list[int], epsilon: float, rng: np.random.Generator
+    policy: str, game: str, legal: list[int], epsilon: float, rng: np.random.Generator, env: Any = None
 ) -> Callable[[np.ndarray], int]:
     """obs uint8 [4, 84, 84] -> minimal-set action index."""
     if policy == "random":
         return lambda obs: int(rng.integers(len(legal)))
+    if _is_scripted(policy):
+        return _scripted_policy(policy, game, legal, env, rng)
     import torch  # lazy: the random policy needs no torch
 
     import resnet
@@ -1215,9 +1242,39 @@ def _make_policy(
     return act
 
 
+def _is_scripted(policy: str) -> bool:
+    """A `module:function` policy, as opposed to "random" or a checkpoint file."""
+    module = policy.partition(":")[0]
+    return ":" in policy and not Path(policy).is_file() and module.replace(".", "").isidentifier()
+
+
+def write_episode_returns(directory: str | Path, suffix: int, returns: Sequence[float]) -> Path:
+    """`episode_returns_ckpt.N.json` beside checkpoint N: the unclipped returns of the episodes that ended
+    while its transitions were written (plain JSON; Dopamine's and this project's readers ignore the file)."""
+    path = Path(directory) / f"episode_returns_ckpt.{suffix}.json"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
+    os.replace(tmp, path)
+    return path
+
+
+def read_episode_returns(directory: str | Path, suffixes: Sequence[int] | None = None) -> list[float]:
+    """The episode returns saved beside the checkpoints `suffixes` (all that have a file if None)."""
+    directory = Path(directory)
+    paths = (
+        sorted(directory.glob("episode_returns_ckpt.*.json"))
+        if suffixes is None
+        else [directory / f"episode_returns_ckpt.{s}.json" for s in suffixes]
+    )
+    out: list[float] = []
+    for p in paths:
+        out.extend(float(r) for r in json.loads(p.read_text())["returns"])
+    return out
+
+
 def _record_one(job: dict[str, Any], report: Callable[[int], None] | None = None) -> str:
     """Record num_checkpoints snapshots of one (game, run) stream; returns the replay_logs directory."""
-    if job["policy"] == "random":
+    if job["policy"] == "random" or _is_scripted(job["policy"]):
         return _record_stream(job, report)
     import torch
 
@@ -1237,19 +1294,24 @@ def _record_stream(job: dict[str, Any], report: Callable[[int], None] | None) ->
     env_seed, policy_seed = (int(x) for x in ss.generate_state(2) % 2**31)
     rng = np.random.default_rng(policy_seed)
     legal = atari.legal_actions(game)
-    policy = _make_policy(job["policy"], game, legal, job["epsilon"], rng)
     env = atari.make_env(
         game, sticky_actions=job["sticky_actions"], seed=env_seed, max_episode_steps=job["max_episode_steps"]
     )
+    policy = _make_policy(job["policy"], game, legal, job["epsilon"], rng, env)
     buf = FrameBuffer(job["capacity"], n_step=1)
     obs, _ = env.reset()  # [4, 84, 84]
-    pending = 0
+    pending, episode_return = 0, 0.0
     for k in range(job["num_checkpoints"]):
+        returns = []  # unclipped game scores of the episodes that end inside this checkpoint
         for _ in range(job["capacity"]):  # a snapshot after every `capacity` agent steps, as DQN-Replay
             a = policy(obs)
             next_obs, reward, terminated, truncated, _ = env.step(legal[a])
             done = terminated or truncated  # the time-limit cut is a terminal in DQN-Replay too
             buf.add(obs[-1], a, float(np.clip(reward, -1.0, 1.0)), done)
+            episode_return += float(reward)
+            if done:
+                returns.append(episode_return)
+                episode_return = 0.0
             obs = env.reset()[0] if done else next_obs
             pending += 1
             if pending == 1000:
@@ -1260,6 +1322,7 @@ def _record_stream(job: dict[str, Any], report: Callable[[int], None] | None) ->
                         _progress_counter.value += pending
                 pending = 0
         buf.save(logs, k)
+        write_episode_returns(logs, k, returns)
     env.close()
     if report is not None:
         report(pending)
@@ -1301,8 +1364,10 @@ def record(
         raise ReplayDataError(str(e)) from None
     if capacity < 2 * STACK or num_checkpoints < 1:
         raise ReplayDataError(f"capacity {capacity} must be >= {2 * STACK} and num_checkpoints >= 1.")
-    if policy != "random" and not Path(policy).is_file():
-        raise ReplayDataError(f"--policy {policy} is neither 'random' nor an existing checkpoint file.")
+    if policy != "random" and not Path(policy).is_file() and not _is_scripted(policy):
+        raise ReplayDataError(
+            f"--policy {policy} is neither 'random', an existing checkpoint file, nor module:function."
+        )
     if not 0.0 <= epsilon <= 1.0:
         raise ReplayDataError(f"--epsilon {epsilon} must be in [0, 1].")
     jobs = []
@@ -1332,9 +1397,10 @@ def record(
             import concurrent.futures
             import multiprocessing
 
-            # fork is fastest and the random policy never touches torch; a Q-network policy needs spawn
-            # (torch threads in the parent), which re-imports the caller's main module in the children
-            use_fork = policy == "random" and "fork" in multiprocessing.get_all_start_methods()
+            # fork is fastest and the random and scripted policies never touch torch; a Q-network policy needs
+            # spawn (torch threads in the parent), which re-imports the caller's main module in the children
+            no_torch = policy == "random" or _is_scripted(policy)
+            use_fork = no_torch and "fork" in multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if use_fork else "spawn")
             counter = ctx.Value("q", 0)
             with concurrent.futures.ProcessPoolExecutor(
@@ -1366,7 +1432,8 @@ class Args:
     capacity: int = 100_000
     """transitions per checkpoint = agent steps between snapshots (DQN-Replay: 1,000,000)"""
     policy: str = "random"
-    """behavior policy: random (uniform over legal actions) or a checkpoint.pt of cql_multigame.py"""
+    """behavior policy: random (uniform over legal actions), a checkpoint.pt of cql_multigame.py
+    (epsilon-greedy), or module:function of a scripted policy, e.g. experiments.behavior:scripted"""
     epsilon: float = 0.01
     """random-action probability of the Q-network policy (ours: DQN's final training epsilon)"""
     seed: int = 0
