@@ -76,6 +76,15 @@ class Args:
     """seed of the envs, exploration, replay sampling, a fresh head/network init, and evaluation"""
     device: str = "auto"
     """auto (XLA, else CUDA, else MPS, else CPU) or cpu, cuda, cuda:1, mps, xla"""
+    resume: bool = False
+    """continue the run `run_name` from its last save (network, optimizer, replay, counters; `save_every`)"""
+    save_every: int = 500_000
+    """agent steps between saves of everything --resume needs (ours; the replay is saved too: ~7 KB per
+    stored transition, gzip level 1); a save also happens at the end"""
+    log_replay_dir: str = ""
+    """if set, log every env's replay in the DQN-Replay format as batch_rl's logged replay buffer wrote it:
+    <dir>/<Game>/<env + 1>/replay_logs/, checkpoint k each time that env's buffer fills, the final partial
+    buffer at the end, and the episode returns of each checkpoint beside it (see ReplayLogger)"""
 
     # --- environment (atari.py; Dopamine's protocol) ---
     total_env_steps: int = 3_000_000
@@ -227,6 +236,83 @@ def build_network(
 # ----------------------------------------------------------------------------------------------------
 # Replay: one FrameBuffer per env
 # ----------------------------------------------------------------------------------------------------
+
+
+class ReplayLogger:
+    """batch_rl's logged replay buffer (OutOfGraphLoggedReplayBuffer, the writer of DQN-Replay) applied to the
+    agent's own replay: one stream per env, written to <root>/<Game>/<env + 1>/replay_logs/.
+
+    - After every real add (after its padding), when add_count % capacity == capacity - 1, the whole buffer is
+      written as checkpoint k = 0, 1, 2, ... of that env. So checkpoint 0 has add_count capacity - 1 (its last
+      row never written), the cursor of every snapshot sits at capacity - 1, and, as in batch_rl, a fill whose
+      capacity - 1 falls on a padding row is not logged.
+    - `final()` writes the buffer once more as the next checkpoint with add_count = cursor (batch_rl's
+      log_final_buffer), so readers see a never-wrapped buffer holding only the newest, partial fill. Ours:
+      it is skipped when that fill holds no transition a reader could sample (batch_rl would write a
+      checkpoint that neither Dopamine nor this project's reader can sample).
+    - invalid_range is Dopamine's for this agent's update horizon (n_step), as the logged buffer writes it.
+    - episode_returns_ckpt.k.json beside checkpoint k: the unclipped returns of the episodes that ended while
+      checkpoint k was being filled (plain JSON, no pickle; replay.read_episode_returns reads it).
+    """
+
+    def __init__(self, root: str | Path, game: str, buffers: list[replay.FrameBuffer], n_step: int):
+        self.dirs = [Path(root) / game / str(i + 1) / "replay_logs" for i in range(len(buffers))]
+        self.buffers, self.n_step = buffers, n_step
+        self.log_count = [0] * len(buffers)  # the next checkpoint suffix of every env
+        self.returns: list[list[float]] = [[] for _ in buffers]  # episodes ended in the current fill
+
+    def _write(self, i: int, add_count: int) -> None:
+        buf = self.buffers[i]
+        invalid = replay.dopamine_invalid_range(add_count % buf.capacity, buf.capacity, self.n_step)
+        arrays = (buf.frames, buf.action, buf.reward, buf.terminal)
+        replay.write_checkpoint(self.dirs[i], self.log_count[i], *arrays, add_count, invalid)
+        replay.write_episode_returns(self.dirs[i], self.log_count[i], self.returns[i])
+        self.log_count[i] += 1
+        self.returns[i] = []
+
+    def after_step(self, finished: dict[int, float]) -> None:
+        """Call after every vector step (one real add per env); `finished`: env -> return of an episode that
+        ended with this step."""
+        for i, r in finished.items():
+            self.returns[i].append(float(r))
+        for i, buf in enumerate(self.buffers):
+            if buf.add_count % buf.capacity == buf.capacity - 1:
+                self._write(i, buf.add_count)
+
+    def final(self) -> None:
+        for i, buf in enumerate(self.buffers):
+            if replay.valid_mask(buf.terminal, buf.cursor, self.n_step).any():
+                self._write(i, buf.cursor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_count": list(self.log_count), "returns": [list(r) for r in self.returns]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_count = [int(c) for c in state["log_count"]]
+        self.returns = [[float(r) for r in rs] for rs in state["returns"]]
+
+
+def save_buffers(buffers: list[replay.FrameBuffer], directory: Path, suffix: int, n_step: int) -> None:
+    """Every env's buffer as DQN-Replay checkpoint `suffix` of <directory>/env<i>/ (gzip level 1: fast)."""
+    for i, buf in enumerate(buffers):
+        invalid = replay.dopamine_invalid_range(buf.cursor, buf.capacity, n_step)
+        buf.save(directory / f"env{i}", suffix, invalid_range=invalid, compresslevel=1)
+
+
+def load_buffers(args: Args, legal: list[int], directory: Path, suffix: int) -> list[replay.FrameBuffer]:
+    """The buffers save_buffers wrote. Each env's unfinished episode was cut by the interruption: its last
+    stored transition is marked terminal (as DQN-Replay marks time-limit cuts), so the next add starts a new
+    episode with its padding, as the envs do after the reset that follows a resume."""
+    buffers = []
+    for i in range(args.num_envs):
+        buf = replay.FrameBuffer.from_checkpoint(
+            directory / f"env{i}", suffix, n_step=args.n_step, gamma=args.gamma, action_map=legal, game=0
+        )
+        buf.terminal = buf.terminal.copy()
+        if buf.add_count:
+            buf.terminal[buf.cursor - 1] = 1
+        buffers.append(buf)
+    return buffers
 
 
 def make_buffers(args: Args, legal: list[int]) -> list[replay.FrameBuffer]:
@@ -407,8 +493,20 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     ckpt = cql_multigame.load_checkpoint(args.checkpoint)
     net, origin = build_network(ckpt, args.checkpoint, game, args.from_scratch, args.seed)
     run_dir = Path(args.runs_dir) / default_run_name(args, game)
-    if (run_dir / "summary.json").exists() or (run_dir / "checkpoint.pt").exists():
+    state_path = run_dir / "checkpoint.pt"
+    if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; pass another --run-name or --seed.")
+    resume = None
+    if args.resume:
+        if not state_path.is_file():
+            raise ConfigError(f"--resume found no saved run at {state_path}; start it without --resume.")
+        resume = cql_multigame.load_checkpoint(state_path)
+        if "online" not in resume:
+            raise ConfigError(f"{state_path} was not saved by finetune_online.py; it cannot be resumed here.")
+    elif state_path.exists():
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run; pass --resume to continue it or another --run-name."
+        )
     run_args = ckpt.get("args", {}) or {}
     # ours: the C51 default [-10, 10] when the checkpoint's args lack the support
     v_min, v_max = float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0))
@@ -426,8 +524,20 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     legal = np.asarray(atari.legal_actions(game))  # [L] full-set ids
     legal_t = torch.as_tensor(legal, device=device)
     legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, 18]
-    buffers = make_buffers(args, legal.tolist())
     rng = np.random.default_rng(args.seed)
+    if resume is None:
+        buffers = make_buffers(args, legal.tolist())
+    else:
+        on = resume["online"]
+        net.load_state_dict(resume["model"])
+        target_net.load_state_dict(resume["target"])
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        rng.bit_generator.state = on["numpy_rng"]
+        buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", on["buffer_suffix"])
+    logger = ReplayLogger(args.log_replay_dir, game, buffers, args.n_step) if args.log_replay_dir else None
+    if logger is not None and resume is not None:
+        logger.load_state_dict(resume["online"]["logger"])
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -444,7 +554,7 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
         f"{args.buffer_size // args.num_envs:,} transitions per env buffer; logs in {run_dir}"
     )
 
-    evaluations: list[dict[str, Any]] = []
+    evaluations: list[dict[str, Any]] = [] if resume is None else list(resume["online"]["evaluations"])
 
     def run_eval(at: int) -> None:
         result = evaluate_variant(net, game, support, args, seed=args.seed + at)
@@ -456,20 +566,47 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
         hns = "" if result["hns"] is None else f", human-normalized {result['hns']:.3f}"
         progress.write(f"evaluation at {at:,} env steps: mean return {result['mean_return']:.1f}{hns}")
 
-    progress = tqdm(total=args.total_env_steps, unit="step", dynamic_ncols=True, mininterval=1.0)
-    env_steps = vec_steps = updates = 0
+    env_steps = vec_steps = updates = resumes = 0
+    next_eval, next_save = args.eval_every, args.save_every
+    if resume is not None:
+        on = resume["online"]
+        env_steps, vec_steps, updates = on["env_steps"], on["vec_steps"], on["updates"]
+        next_eval, next_save, resumes = on["next_eval"], on["next_save"], on["resumes"] + 1
+        print(f"resumed {run_dir} at {env_steps:,} env steps, {updates:,} updates (resume {resumes})")
+    progress = tqdm(
+        total=args.total_env_steps, initial=env_steps, unit="step", dynamic_ncols=True, mininterval=1.0
+    )
     eval_time = 0.0  # seconds spent in evaluations inside the loop (left out of the throughput)
     metrics: dict[str, torch.Tensor] = {}
     episode_return = np.zeros(args.num_envs)
     episode_length = np.zeros(args.num_envs, np.int64)
     recent_returns: list[float] = []
+    saves = 0 if resume is None else resume["online"]["buffer_suffix"] + 1
+
+    def save_state() -> None:
+        """Everything --resume needs: buffers first (a new suffix), then the checkpoint that names them,
+        atomically; older buffer files go only after that, so a kill at any moment leaves a loadable pair."""
+        nonlocal saves
+        save_buffers(buffers, run_dir / "replay_state", saves, args.n_step)
+        online = {
+            "env_steps": env_steps, "vec_steps": vec_steps, "updates": updates, "next_eval": next_eval,
+            "next_save": next_save, "resumes": resumes, "evaluations": evaluations, "buffer_suffix": saves,
+            "numpy_rng": rng.bit_generator.state, "logger": logger.state_dict() if logger else None,
+        }  # fmt: skip
+        saved = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
+        state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved, [game], {})
+        cql_multigame.save_checkpoint(state_path, {**state, "online": online})
+        for old in (run_dir / "replay_state").glob(f"env*/*_ckpt.{saves - 1}.gz"):
+            old.unlink()
+        saves += 1
+
     try:
-        if args.eval_every:
+        if args.eval_every and resume is None:
             run_eval(0)  # the zero-shot score on the variant
-        obs, _ = envs.reset()  # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env
+        # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env (after a resume: new seeds, new episodes)
+        obs, _ = envs.reset(seed=None if resume is None else args.seed + 100_003 * resumes)
         loop_start = time.perf_counter()
-        last_log = (loop_start, 0, 0, 0.0)  # time, env steps, updates, eval time
-        next_eval = args.eval_every
+        last_log = (loop_start, env_steps, updates, 0.0)  # time, env steps, updates, eval time
         while env_steps < args.total_env_steps:
             epsilon = epsilon_at(args, env_steps)
             action_index = act(net, obs, support, legal_t, epsilon, rng)  # [N] minimal-set indices
@@ -479,11 +616,15 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
             progress.update(args.num_envs)
             episode_return += reward
             episode_length += 1
+            finished = {}
             for i in np.flatnonzero(done):
                 writer.add_scalar("charts/episodic_return", episode_return[i], env_steps)
                 writer.add_scalar("charts/episodic_length", episode_length[i], env_steps)
                 recent_returns = (recent_returns + [float(episode_return[i])])[-20:]
+                finished[int(i)] = float(episode_return[i])
                 episode_return[i], episode_length[i] = 0.0, 0
+            if logger is not None:
+                logger.after_step(finished)
 
             # One gradient step per train_every agent steps after learning_starts. Every buffer can be
             # sampled once each env has added more than n_step transitions (vec_steps > n_step).
@@ -526,14 +667,18 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
                 eval_time += time.perf_counter() - start
                 while next_eval <= env_steps:
                     next_eval += args.eval_every
+            if args.save_every and env_steps >= next_save and env_steps < args.total_env_steps:
+                while next_save <= env_steps:
+                    next_save += args.save_every
+                save_state()
         train_time = max(time.perf_counter() - loop_start - eval_time, 1e-9)
         run_eval(env_steps)
+        if logger is not None:
+            logger.final()
     finally:
         progress.close()
 
-    saved_args = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
-    state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved_args, [game], {})
-    cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
+    save_state()  # the final network (a cql_multigame.py checkpoint with one head) and its replay
     summary = {
         "game": game,
         "mode": args.mode,

@@ -97,3 +97,7 @@ def policy_action(game: str, part: str, ram: np.ndarray, rng: np.random.Generato
     """One part of a mixture alone ("good" or "bad"): for tests and for measuring each part's return."""
     p_good, good, bad = MIXTURES[game]
     return (good if part == "good" else bad)(ram, rng)
+
+
+# the good part's action where it does not depend on the state (None: it does, e.g. Breakout's tracking)
+GOOD_ACTION: dict[str, int | None] = {"Freeway": UP, "DemonAttack": FIRE, "Breakout": None}

@@ -336,3 +336,96 @@ def test_bad_input_is_one_sentence(checkpoint, tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "error: Hero has no difficulty 1; valid difficulties are [0]."
     )
+
+
+# ---------------------------------------------------------------------------------------------- DQN-Replay maker
+
+
+def test_replay_logger_writes_what_batch_rl_writes(tmp_path):
+    """Snapshots at add_count % capacity == capacity - 1 after a real add (suffixes 0, 1, ...), the final
+    partial buffer with add_count = cursor, episode returns beside each; MultiGameReplay reads them."""
+    import replay
+
+    legal = np.asarray(atari.legal_actions("Breakout"))
+    rng = np.random.default_rng(3)
+    env = FakeVecEnv(2, rng, legal.tolist(), max_len=40)  # padding is 3 of every ~23 adds
+    args = fo.Args(num_envs=2, buffer_size=2 * 50, n_step=3, gamma=0.9)
+    buffers = fo.make_buffers(args, legal.tolist())
+    logger = fo.ReplayLogger(tmp_path, "Breakout", buffers, args.n_step)
+    expected = [[], []]  # per env: (suffix, add_count) of every snapshot, by batch_rl's rule
+    returns, ep_return = [[[]], [[]]], np.zeros(2)
+    obs, _ = env.reset()
+    for _ in range(170):
+        before = [b.add_count for b in buffers]
+        obs, reward, done = fo.collect(env, obs, rng.integers(len(legal), size=2), legal, buffers)
+        ep_return += reward
+        finished = {int(i): float(ep_return[i]) for i in np.flatnonzero(done)}
+        for i in finished:
+            returns[i][-1].append(finished[i])
+            ep_return[i] = 0.0
+        logger.after_step(finished)
+        for i, b in enumerate(buffers):
+            assert b.add_count > before[i]
+            if b.add_count % b.capacity == b.capacity - 1:
+                expected[i].append((len(expected[i]), b.add_count))
+                returns[i].append([])
+    logger.final()
+    for i, b in enumerate(buffers):
+        logs = tmp_path / "Breakout" / str(i + 1) / "replay_logs"
+        if replay.valid_mask(b.terminal, b.cursor, 3).any():  # else the final partial buffer is skipped
+            expected[i].append((len(expected[i]), b.cursor))
+        assert len(expected[i]) >= 3  # at least two fills were logged (a fill whose capacity - 1 lands on a
+        # padding row is not, as in batch_rl)
+        assert replay.list_checkpoints(logs) == [k for k, _ in expected[i]]
+        for k, add_count in expected[i]:
+            data = replay.read_checkpoint(logs, k)
+            assert int(data["add_count"]) == add_count and np.asarray(data["add_count"]).ndim <= 1
+            assert set(np.asarray(data["invalid_range"]).tolist()) == set(
+                replay.dopamine_invalid_range(add_count % b.capacity, b.capacity, 3).tolist()
+            )
+            assert replay.read_episode_returns(logs, [k]) == pytest.approx(returns[i][k])
+        assert expected[i][0][1] % b.capacity == b.capacity - 1  # the cursor of a snapshot: capacity - 1
+        if expected[i][-1][1] == b.cursor:  # the final partial buffer holds the buffer as it is now
+            last = replay.read_checkpoint(logs, expected[i][-1][0])
+            np.testing.assert_array_equal(last["observation"], b.frames)
+    empty = fo.ReplayLogger(tmp_path / "empty", "Breakout", fo.make_buffers(args, legal.tolist()), 3)
+    empty.final()  # nothing a reader could sample: no checkpoint
+    assert not list((tmp_path / "empty").rglob("*.gz"))
+    data = replay.MultiGameReplay(tmp_path, ["Breakout"], runs=(1, 2), checkpoints="nearoptimal", n_step=3)
+    batch = data.sample(16)
+    assert batch.obs.shape == (16, 4, 84, 84) and set(batch.action.tolist()) <= set(legal.tolist())
+    data.close()
+
+
+def test_log_replay_and_resume_after_an_interruption(checkpoint, tmp_path, one_thread, monkeypatch):
+    """--log-replay-dir through the real loop, and --resume after a run was stopped right after a save."""
+    import replay
+
+    logs = tmp_path / "logged"
+    base = dict(TINY, total_env_steps=480, buffer_size=2 * 100, save_every=200, log_replay_dir=str(logs))
+    args = fo.Args(checkpoint=checkpoint, game="Breakout", from_scratch=True, runs_dir=str(tmp_path), **base)
+    real_collect, calls = fo.collect, {"n": 0}
+
+    def collect_then_stop(*a, **k):  # 2 envs: call 130 reaches 260 env steps, after the save at 200
+        calls["n"] += 1
+        if calls["n"] > 130:
+            raise KeyboardInterrupt
+        return real_collect(*a, **k)
+
+    monkeypatch.setattr(fo, "collect", collect_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fo.main(args)
+    run_dir = tmp_path / "online_Breakout_mdefault_ddefault_scratch_seed1"
+    saved = cql_multigame.load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["online"]["env_steps"] == 200 and not (run_dir / "summary.json").exists()
+    with pytest.raises(cql_multigame.ConfigError, match="pass --resume"):
+        fo.main(args)
+    monkeypatch.setattr(fo, "collect", real_collect)
+    summary = fo.main(fo.Args(**{**vars(args), "resume": True}))
+    assert summary["env_steps"] == 480 and summary["updates"] == (480 - 64) // 4
+    for env in (1, 2):  # 240 real adds per env plus padding fill a 100-row buffer at least twice
+        suffixes = replay.list_checkpoints(logs / "Breakout" / str(env) / "replay_logs")
+        assert suffixes == list(range(len(suffixes))) and len(suffixes) >= 3
+    data = replay.MultiGameReplay(logs, ["Breakout"], runs=(1, 2), checkpoints="nearoptimal", n_step=3)
+    assert data.sample(8).obs.shape == (8, 4, 84, 84)
+    data.close()

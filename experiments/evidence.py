@@ -1,0 +1,495 @@
+"""The paper's headline at CPU scale: offline Q-learning on sub-optimal multi-game data beats the data and BC.
+
+Scaled QL (Kumar et al. 2023) exists to show that offline Q-learning (C51 + CQL) trained on the sub-optimal
+DQN-Replay data of many games at once learns policies better than the data's own behavior, and better than
+behavior cloning (BC) of the same data (Sec. 5.1, Fig. 3 and Table 1). The real data cannot be downloaded
+here, so this script makes its own, in the DQN-Replay format, with scripted behavior policies whose mistakes
+are systematic (experiments/behavior.py), then runs the comparison end to end:
+
+1. data: replay.record(policy="experiments.behavior:scripted") for every game (cached in --data-dir), and
+   the behavior's return (mean and 95% CI over the recorded episodes, from the returns saved beside the data);
+2. one multi-game network per (method, seed), trained offline on all games together with cql_multigame.main:
+   `cql` (the full algorithm), `bc` (cql_multigame's `bc` preset: TD off, the CQL term alone is the
+   cross-entropy of the data action), `td` (--cql-alpha 0: C51 alone, the ablation);
+3. evaluation under the DQN-Replay protocol (sticky actions 0.25, epsilon 0.001) at the --eval-at steps,
+   with every episode capped at --eval-max-steps agent steps (stated in every table);
+4. diagnostics on dataset states: the greedy action's share of each action, and how often it agrees with
+   the data's most frequent action (a BC-like policy) or with the behavior's good action;
+5. results.json with every number, and PNG plots (matplotlib, an optional dependency of this script only).
+
+Every stage is cached: the data on disk, each training run in its run folder (cql_multigame's --resume
+continues it), each evaluation in the run's stages.json. Re-running the same command skips what is done, so
+a stopped run (a session limit, Ctrl-C) continues where it was.
+
+    python experiments/evidence.py                # the README's Results (see there for time and machine)
+    python experiments/evidence.py --quick        # seconds: the whole path on a few hundred transitions
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's modules are one folder up
+    sys.path.insert(0, str(ROOT))
+
+import atari  # noqa: E402
+import replay  # noqa: E402
+
+BEHAVIOR_POLICY = "experiments.behavior:scripted"
+METHODS = ("cql", "bc", "td")  # the order of every table and plot
+METHOD_LABELS = {"behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"}
+
+
+@dataclass
+class Args:
+    """Offline CQL vs BC vs TD-only vs the data's behavior, on scripted sub-optimal data of several games."""
+
+    out_dir: str = "experiments/results/evidence"
+    """where results.json and the PNG plots go"""
+    data_dir: str = "data/evidence"
+    """DQN-Replay-format data of the scripted behavior (recorded once, then reused)"""
+    runs_dir: str = "runs/evidence"
+    """run folders of the training runs (checkpoints, TensorBoard, stages.json)"""
+    games: tuple[str, ...] = ("Freeway", "DemonAttack", "Breakout")
+    """training games with a scripted behavior in experiments/behavior.py"""
+    transitions_per_game: int = 100_000
+    """recorded transitions per game (ours: what a 2-core CPU records in about a minute per game)"""
+    checkpoints_per_game: int = 2
+    """DQN-Replay checkpoints the transitions are split into (a snapshot every transitions/checkpoints)"""
+    data_seed: int = 0
+    """seed of the recording (environments and behavior policy)"""
+
+    # --- training (cql_multigame.Args; the values are ours, chosen for a 2-core CPU, see the README) ---
+    arch: str = "tiny"
+    """network (resnet.py); tiny is the CPU-sized trunk"""
+    total_steps: int = 10_000
+    """gradient steps of every run"""
+    batch_size: int = 64
+    """global batch over all games (about 21 per game for 3 games)"""
+    lr: float = 1e-4
+    """Adam learning rate"""
+    target_update_every: int = 1000
+    """gradient steps between hard target updates"""
+    cql_alpha: float = 0.05
+    """CQL weight of the `cql` method (see the README's Results for why this value)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """training seeds of cql and bc"""
+    td_seeds: tuple[int, ...] = (1,)
+    """training seeds of the TD-only ablation"""
+    methods: tuple[str, ...] = METHODS
+    """which of cql, bc, td to run (tables and plots show n/a for the others)"""
+
+    # --- evaluation ---
+    eval_at: tuple[int, ...] = (2500, 5000, 10_000)
+    """gradient steps at which every run is evaluated (the last one is the result)"""
+    eval_episodes: int = 10
+    """episodes per game and evaluation"""
+    eval_max_steps: int = 3000
+    """agent steps per evaluation episode (ours: a cap to bound CPU time; DQN-Replay's protocol is 27,000)"""
+    diag_states: int = 600
+    """dataset states (over all games) for the greedy-action diagnostics"""
+
+    # --- execution ---
+    jobs: int = 2
+    """training runs in parallel (processes)"""
+    threads: int = 0
+    """torch threads per training run (0: cpu_count // jobs; more threads than free cores makes torch's
+    thread pool spin and run many times slower)"""
+    plots: bool = True
+    """write PNG plots (needs matplotlib: pip install matplotlib)"""
+    quick: bool = False
+    """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (checks the path, not skill)"""
+
+
+def quick_args(args: Args) -> Args:
+    """The --quick variant: the same path at toy size (used by the test suite)."""
+    return dataclasses.replace(
+        args,
+        transitions_per_game=300,
+        checkpoints_per_game=1,
+        total_steps=20,
+        batch_size=len(args.games) * 2,
+        target_update_every=10,
+        seeds=(1,),
+        td_seeds=(1,),
+        eval_at=(10, 20),
+        eval_episodes=1,
+        eval_max_steps=30,
+        diag_states=len(args.games) * 4,
+        jobs=1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def logs_dir(args: Args, game: str) -> Path:
+    return Path(args.data_dir) / game / "1" / "replay_logs"
+
+
+def make_data(args: Args) -> None:
+    """Record every game that has no complete data yet (a game's data is complete when its last checkpoint and
+    its episode returns are there; a half-recorded game is recorded again)."""
+    capacity = args.transitions_per_game // args.checkpoints_per_game
+    todo = [
+        g
+        for g in args.games
+        if not (logs_dir(args, g) / f"episode_returns_ckpt.{args.checkpoints_per_game - 1}.json").is_file()
+    ]
+    if not todo:
+        return
+    print(f"recording {capacity * args.checkpoints_per_game:,} transitions of scripted behavior for {todo}")
+    replay.record(
+        args.data_dir,
+        todo,
+        runs=(1,),
+        num_checkpoints=args.checkpoints_per_game,
+        capacity=capacity,
+        policy=BEHAVIOR_POLICY,
+        seed=args.data_seed,
+        overwrite=True,
+        progress=not args.quick,
+    )
+
+
+def behavior_returns(args: Args) -> dict[str, dict[str, Any]]:
+    """Per game: the returns of the recorded episodes, their mean and a 95% normal CI of the mean."""
+    out = {}
+    for game in args.games:
+        returns = np.array(replay.read_episode_returns(logs_dir(args, game)), dtype=np.float64)
+        out[game] = {"episodes": len(returns), **mean_ci(returns)}
+    return out
+
+
+def mean_ci(x: np.ndarray) -> dict[str, float | None]:
+    """Mean, standard error and a 95% normal-approximation CI of the mean (None where undefined)."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": None, "se": None, "ci95": None}
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+    ci = None if se is None else [float(x.mean() - 1.96 * se), float(x.mean() + 1.96 * se)]
+    return {"mean": float(x.mean()), "se": se, "ci95": ci}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs
+# ----------------------------------------------------------------------------------------------------
+
+
+def method_overrides(args: Args, method: str) -> dict[str, float]:
+    if method == "cql":
+        return {"cql_alpha": args.cql_alpha, "td_weight": 1.0}
+    if method == "bc":  # cql_multigame's `bc` preset
+        import cql_multigame
+
+        bc = cql_multigame.PRESETS["bc"][1]
+        return {"cql_alpha": bc.cql_alpha, "td_weight": bc.td_weight}
+    if method == "td":
+        return {"cql_alpha": 0.0, "td_weight": 1.0}
+    raise ValueError(f"unknown method {method}")
+
+
+def train_args(args: Args, method: str, seed: int, steps: int, resume: bool):
+    import cql_multigame
+
+    return cql_multigame.Args(
+        run_name=f"{method}_seed{seed}",
+        runs_dir=args.runs_dir,
+        seed=seed,
+        resume=resume,
+        device="cpu",
+        data_dir=args.data_dir,
+        games=tuple(args.games),
+        runs=(1,),
+        checkpoints="nearoptimal",  # every recorded checkpoint: the whole behavior data set
+        memory_budget_gb=8.0,
+        reload_every=10**9,
+        arch=args.arch,
+        total_steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        target_update_every=args.target_update_every,
+        log_every=min(500, steps),
+        eval_every=0,
+        eval_episodes=args.eval_episodes,
+        eval_envs=args.eval_episodes,
+        eval_max_steps=args.eval_max_steps,
+        save_every=min(2500, steps),
+        **method_overrides(args, method),
+    )
+
+
+def run_chain(args: Args, method: str, seed: int, threads: int) -> dict[str, Any]:
+    """Train one (method, seed) run through every --eval-at stage, evaluating at each; resumable."""
+    import torch
+
+    import cql_multigame
+
+    torch.set_num_threads(threads)
+    run_dir = Path(args.runs_dir) / f"{method}_seed{seed}"
+    stages_path = run_dir / "stages.json"
+    stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    for at in args.eval_at:
+        if str(at) in stages:
+            continue
+        resume = (run_dir / "checkpoint.pt").is_file()
+        t0 = time.perf_counter()
+        log = run_dir / "train.log"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            summary = cql_multigame.main(train_args(args, method, seed, at, resume))
+        stages[str(at)] = {
+            "step": summary["step"],
+            "returns": {g: r["returns"] for g, r in summary["games"].items()},
+            "diagnostics": greedy_diagnostics(args, run_dir / "checkpoint.pt", seed),
+            "seconds": time.perf_counter() - t0,
+        }
+        tmp = stages_path.with_name(f"stages.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stages, indent=1))
+        os.replace(tmp, stages_path)
+        print(f"{method} seed {seed}: step {at:,} done in {stages[str(at)]['seconds']:.0f} s", flush=True)
+    return stages
+
+
+def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any]:
+    """On dataset states of every game: the greedy action's shares, its agreement with the data's most
+    frequent action and with the behavior's good action, and the Q-gap between best and second-best action."""
+    import torch
+
+    import cql_multigame
+    from experiments import behavior
+
+    ckpt = cql_multigame.load_checkpoint(checkpoint)
+    net = cql_multigame.network_from_checkpoint(ckpt, path=checkpoint).eval()
+    run_args = ckpt["args"]
+    support = torch.linspace(run_args["v_min"], run_args["v_max"], net.num_atoms)
+    data = replay.MultiGameReplay(
+        args.data_dir, list(args.games), runs=(1,), checkpoints="nearoptimal", memory_budget_gb=8.0, seed=seed
+    )
+    try:
+        batch = data.sample(args.diag_states)
+    finally:
+        data.close()
+    with torch.no_grad():
+        q = cql_multigame.expected_q(
+            net(torch.from_numpy(batch.obs), torch.from_numpy(batch.game)), support
+        ).numpy()  # [B, 18]
+    out = {}
+    for g, game in enumerate(args.games):
+        legal = atari.legal_actions(game)
+        rows = batch.game == g
+        qg = q[rows][:, legal]  # [b, A_legal]
+        greedy = np.asarray(legal)[qg.argmax(1)]
+        data_actions = batch.action[rows]
+        values, counts = np.unique(data_actions, return_counts=True)
+        top2 = np.sort(qg, axis=1)[:, -2:]
+        out[game] = {
+            "greedy_share": {str(a): float(np.mean(greedy == a)) for a in legal},
+            "data_share": {str(int(a)): float(c / counts.sum()) for a, c in zip(values, counts, strict=True)},
+            "agrees_with_data_mode": float(np.mean(greedy == values[counts.argmax()])),
+            "good_action": behavior.GOOD_ACTION.get(game),
+            "q_gap_best_second": float(np.mean(top2[:, 1] - top2[:, 0])),
+        }
+    return out
+
+
+def run_all(args: Args) -> dict[str, dict[str, Any]]:
+    """Every (method, seed) chain, --jobs at a time in subprocesses (spawned: no torch threads inherited)."""
+    chains = [(m, s) for m in args.methods for s in (args.td_seeds if m == "td" else args.seeds)]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    results: dict[str, dict[str, Any]] = {}
+    if args.jobs <= 1:
+        for m, s in chains:
+            results[f"{m}_seed{s}"] = run_chain(args, m, s, threads)
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_chain, args, m, s, threads): f"{m}_seed{s}" for m, s in chains}
+        for f in concurrent.futures.as_completed(futures):
+            results[futures[f]] = f.result()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Aggregation, claim, plots
+# ----------------------------------------------------------------------------------------------------
+
+
+def aggregate(args: Args, behavior: dict, runs: dict) -> dict[str, Any]:
+    """Per game and method: the mean over seeds of each seed's mean return, with its standard error over seeds,
+    at every evaluation step; and the claim check at the last step."""
+    final = str(args.eval_at[-1])
+    table: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    for game in args.games:
+        table[game] = {"behavior": behavior[game]}
+        curves[game] = {}
+        for m in METHODS:
+            seeds = (args.td_seeds if m == "td" else args.seeds) if m in args.methods else ()
+            per_step = {}
+            for at in args.eval_at:
+                means = [
+                    float(np.mean(runs[f"{m}_seed{s}"][str(at)]["returns"][game]))
+                    for s in seeds
+                    if str(at) in runs.get(f"{m}_seed{s}", {})
+                ]
+                per_step[str(at)] = {"seeds": len(means), "per_seed": means, **mean_ci(np.array(means))}
+            curves[game][m] = per_step
+            table[game][m] = per_step[final]
+    claim = {}
+    for game in args.games:
+        row = table[game]
+        cql = row["cql"]
+        checks = {}
+        for other in ("behavior", "bc"):
+            o = row[other]
+            if cql["mean"] is None or o["mean"] is None:
+                checks[other] = None
+                continue
+            gap = cql["mean"] - o["mean"]
+            se = math.sqrt((cql["se"] or 0.0) ** 2 + (o["se"] or 0.0) ** 2)
+            checks[other] = {"gap": gap, "se": se, "holds": bool(gap > se and gap > 0)}
+        claim[game] = {**checks, "holds": all(c is not None and c["holds"] for c in checks.values())}
+    games_holding = [g for g in args.games if claim[g]["holds"]]
+    return {
+        "table": table,
+        "curves": curves,
+        "claim": claim,
+        "claim_games": games_holding,
+        "claim_holds": len(games_holding) >= min(2, len(args.games)),
+    }
+
+
+def format_table(args: Args, agg: dict[str, Any]) -> str:
+    n = len(args.seeds)
+    lines = [
+        f"mean return at step {args.eval_at[-1]:,} (episodes capped at {args.eval_max_steps:,} agent steps; "
+        f"methods: mean ± s.e. over {n} seeds of each seed's {args.eval_episodes}-episode mean; "
+        "behavior: mean ± s.e. over the recorded episodes)",
+        "",
+        "| game | behavior (data) | BC | TD only | CQL | CQL > behavior and BC |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+
+    def cell(c: dict) -> str:
+        if c["mean"] is None:
+            return "n/a"
+        return f"{c['mean']:.1f}" + ("" if c["se"] is None else f" ± {c['se']:.1f}")
+
+    for game in args.games:
+        row = agg["table"][game]
+        holds = "yes" if agg["claim"][game]["holds"] else "no"
+        lines.append(
+            f"| {game} | {cell(row['behavior'])} | {cell(row['bc'])} | {cell(row['td'])} | {cell(row['cql'])} "
+            f"| {holds} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(args: Args, agg: dict[str, Any], out: Path) -> list[str]:
+    """bars.png (per game, every method with its standard error) and curves.png (return vs steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    colors = {"behavior": "#7f7f7f", "bc": "#ff7f0e", "td": "#2ca02c", "cql": "#1f77b4"}
+    order = ("behavior", "bc", "td", "cql")
+    fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.4), squeeze=False)
+    for ax, game in zip(axes[0], args.games, strict=True):
+        row = agg["table"][game]
+        means = [row[m]["mean"] if row[m]["mean"] is not None else 0.0 for m in order]
+        errs = [row[m]["se"] or 0.0 for m in order]
+        ax.bar(range(len(order)), means, yerr=errs, capsize=4, color=[colors[m] for m in order])
+        ax.set_xticks(range(len(order)), ["data", "BC", "TD", "CQL"])
+        ax.set_title(game)
+        ax.axhline(0, color="black", lw=0.5)
+    axes[0][0].set_ylabel(f"return (step {args.eval_at[-1]:,})")
+    fig.suptitle("Offline on scripted sub-optimal data, one network for all games (± s.e. over seeds)", fontsize=9)
+    fig.tight_layout()
+    bars = out / "bars.png"
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
+    steps = np.array(args.eval_at)
+    for ax, game in zip(axes[0], args.games, strict=True):
+        for m in METHODS:
+            c = agg["curves"][game][m]
+            mean = np.array([c[str(s)]["mean"] if c[str(s)]["mean"] is not None else np.nan for s in steps])
+            se = np.array([c[str(s)]["se"] or 0.0 for s in steps])
+            ax.plot(steps, mean, marker="o", color=colors[m], label=METHOD_LABELS[m])
+            ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2)
+        b = agg["table"][game]["behavior"]["mean"]
+        if b is not None:
+            ax.axhline(b, color=colors["behavior"], ls="--", label=METHOD_LABELS["behavior"])
+        ax.set_title(game)
+        ax.set_xlabel("gradient steps")
+    axes[0][0].set_ylabel("evaluation return")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    curves = out / "curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [str(bars), str(curves)]
+
+
+def main(args: Args) -> dict[str, Any]:
+    if args.quick:
+        args = quick_args(args)
+    for game in args.games:
+        atari.check_game(game)
+    if not set(args.methods) <= set(METHODS):
+        raise SystemExit(f"error: --methods {list(args.methods)} must be among {', '.join(METHODS)}.")
+    if list(args.eval_at) != sorted(set(args.eval_at)) or args.eval_at[-1] != args.total_steps:
+        raise SystemExit(
+            f"error: --eval-at {list(args.eval_at)} must be increasing and end at --total-steps {args.total_steps}."
+        )
+    start = time.perf_counter()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    make_data(args)
+    behavior = behavior_returns(args)
+    runs = run_all(args)
+    agg = aggregate(args, behavior, runs)
+    result = {
+        "args": dataclasses.asdict(args),
+        "behavior": behavior,
+        "runs": runs,
+        **agg,
+        "wall_seconds_this_invocation": time.perf_counter() - start,
+        "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
+    }
+    table = format_table(args, agg)
+    result["plots"] = plot(args, agg, out) if args.plots else []
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(table)
+    holds = ", ".join(agg["claim_games"]) or "no game"
+    print(f"\nCQL above both the behavior and BC (gap > its standard error): {holds}")
+    print(f"results: {out / 'results.json'}" + "".join(f"\nplot:    {p}" for p in result["plots"]))
+    return result
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
