@@ -51,7 +51,9 @@ import replay  # noqa: E402
 
 BEHAVIOR_POLICY = "experiments.behavior:scripted"
 METHODS = ("cql", "bc", "td")  # the order of every table and plot
-METHOD_LABELS = {"behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"}
+METHOD_LABELS = {
+    "behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"
+}  # fmt: skip
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Args:
     plots: bool = True
     """write PNG plots (needs matplotlib: pip install matplotlib)"""
     quick: bool = False
-    """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (checks the path, not skill)"""
+    """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (the path, not skill)"""
 
 
 def quick_args(args: Args) -> Args:
@@ -332,8 +334,8 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
 
 
 def aggregate(args: Args, behavior: dict, runs: dict) -> dict[str, Any]:
-    """Per game and method: the mean over seeds of each seed's mean return, with its standard error over seeds,
-    at every evaluation step; and the claim check at the last step."""
+    """Per game and method: the mean over seeds of each seed's mean return, with its standard error over
+    seeds, at every evaluation step; and the claim check at the last step."""
     final = str(args.eval_at[-1])
     table: dict[str, Any] = {}
     curves: dict[str, Any] = {}
@@ -395,10 +397,8 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     for game in args.games:
         row = agg["table"][game]
         holds = "yes" if agg["claim"][game]["holds"] else "no"
-        lines.append(
-            f"| {game} | {cell(row['behavior'])} | {cell(row['bc'])} | {cell(row['td'])} | {cell(row['cql'])} "
-            f"| {holds} |"
-        )
+        cells = " | ".join(cell(row[m]) for m in ("behavior", "bc", "td", "cql"))
+        lines.append(f"| {game} | {cells} | {holds} |")
     return "\n".join(lines)
 
 
@@ -424,7 +424,8 @@ def plot(args: Args, agg: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(game)
         ax.axhline(0, color="black", lw=0.5)
     axes[0][0].set_ylabel(f"return (step {args.eval_at[-1]:,})")
-    fig.suptitle("Offline on scripted sub-optimal data, one network for all games (± s.e. over seeds)", fontsize=9)
+    title = "Offline on scripted sub-optimal data, one network for all games (± s.e. over seeds)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     bars = out / "bars.png"
     fig.savefig(bars, dpi=110)
@@ -462,7 +463,8 @@ def main(args: Args) -> dict[str, Any]:
         raise SystemExit(f"error: --methods {list(args.methods)} must be among {', '.join(METHODS)}.")
     if list(args.eval_at) != sorted(set(args.eval_at)) or args.eval_at[-1] != args.total_steps:
         raise SystemExit(
-            f"error: --eval-at {list(args.eval_at)} must be increasing and end at --total-steps {args.total_steps}."
+            f"error: --eval-at {list(args.eval_at)} must be increasing and end at --total-steps "
+            f"{args.total_steps}."
         )
     start = time.perf_counter()
     out = Path(args.out_dir)

@@ -338,7 +338,7 @@ def test_bad_input_is_one_sentence(checkpoint, tmp_path):
     )
 
 
-# ---------------------------------------------------------------------------------------------- DQN-Replay maker
+# ------------------------------------------------------------------------------------------ DQN-Replay maker
 
 
 def test_replay_logger_writes_what_batch_rl_writes(tmp_path):
