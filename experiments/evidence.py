@@ -51,6 +51,9 @@ import replay  # noqa: E402
 
 BEHAVIOR_POLICY = "experiments.behavior:scripted"
 METHODS = ("cql", "bc", "td")  # the order of every table and plot
+ACTION_NAMES = ("NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT",
+                "UPFIRE", "RIGHTFIRE", "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE",
+                "DOWNLEFTFIRE")  # fmt: skip
 METHOD_LABELS = {
     "behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"
 }  # fmt: skip
@@ -173,6 +176,20 @@ def make_data(args: Args) -> None:
     )
 
 
+def data_action_shares(args: Args) -> dict[str, dict[str, float]]:
+    """Per game: the share of every full-set action among the recorded transitions (padding rows left out)."""
+    out = {}
+    for game in args.games:
+        legal = np.asarray(atari.legal_actions(game))
+        counts = np.zeros(18, np.int64)
+        for k in replay.list_checkpoints(logs_dir(args, game)):
+            d = replay.read_checkpoint(logs_dir(args, game), k)
+            written = replay.valid_mask(d["terminal"], int(d["add_count"]), 1)  # real transitions only
+            counts += np.bincount(legal[d["action"][written]], minlength=18)
+        out[game] = {str(a): float(counts[a] / counts.sum()) for a in legal}
+    return out
+
+
 def behavior_returns(args: Args) -> dict[str, dict[str, Any]]:
     """Per game: the returns of the recorded episodes, their mean and a 95% normal CI of the mean."""
     out = {}
@@ -273,12 +290,11 @@ def run_chain(args: Args, method: str, seed: int, threads: int) -> dict[str, Any
 
 
 def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any]:
-    """On dataset states of every game: the greedy action's shares, its agreement with the data's most
-    frequent action and with the behavior's good action, and the Q-gap between best and second-best action."""
+    """On dataset states of every game: the greedy action's shares, the sampled states' action shares, and the
+    Q-gap between the best and second-best action (aggregate() relates the shares to the whole data's)."""
     import torch
 
     import cql_multigame
-    from experiments import behavior
 
     ckpt = cql_multigame.load_checkpoint(checkpoint)
     net = cql_multigame.network_from_checkpoint(ckpt, path=checkpoint).eval()
@@ -307,8 +323,6 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
         out[game] = {
             "greedy_share": {str(a): float(np.mean(greedy == a)) for a in legal},
             "data_share": {str(int(a)): float(c / counts.sum()) for a, c in zip(values, counts, strict=True)},
-            "agrees_with_data_mode": float(np.mean(greedy == values[counts.argmax()])),
-            "good_action": behavior.GOOD_ACTION.get(game),
             "q_gap_best_second": float(np.mean(top2[:, 1] - top2[:, 0])),
         }
     return out
@@ -338,12 +352,28 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def aggregate(args: Args, behavior: dict, runs: dict) -> dict[str, Any]:
+def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict[str, Any]:
     """Per game and method: the mean over seeds of each seed's mean return, with its standard error over
-    seeds, at every evaluation step; and the claim check at the last step."""
+    seeds, at every evaluation step; the claim check at the last step; and, per run, how often its greedy
+    action on dataset states is the data's most frequent action (what BC's argmax picks) or the good one."""
     final = str(args.eval_at[-1])
     table: dict[str, Any] = {}
     curves: dict[str, Any] = {}
+    from experiments import behavior as scripted
+
+    greedy: dict[str, Any] = {}
+    for game in args.games:
+        mode = max(data_shares[game], key=data_shares[game].get)
+        good = scripted.GOOD_ACTION.get(game)
+        greedy[game] = {"data_mode": int(mode), "good_action": good, "runs": {}}
+        for name, stages in runs.items():
+            if final in stages:
+                share = stages[final]["diagnostics"][game]["greedy_share"]
+                greedy[game]["runs"][name] = {
+                    "greedy_is_data_mode": share.get(mode, 0.0),
+                    "greedy_is_good_action": None if good is None else share.get(str(good), 0.0),
+                    "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
+                }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
         curves[game] = {}
@@ -377,6 +407,7 @@ def aggregate(args: Args, behavior: dict, runs: dict) -> dict[str, Any]:
     return {
         "table": table,
         "curves": curves,
+        "greedy_actions": greedy,
         "claim": claim,
         "claim_games": games_holding,
         "claim_holds": len(games_holding) >= min(2, len(args.games)),
@@ -404,6 +435,31 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
         holds = "yes" if agg["claim"][game]["holds"] else "no"
         cells = " | ".join(cell(row[m]) for m in ("behavior", "bc", "td", "cql"))
         lines.append(f"| {game} | {cells} | {holds} |")
+    lines += [
+        "",
+        "greedy action on dataset states (mean over seeds): share that is the data's most frequent action "
+        "(BC's argmax) / share that is the good action",
+        "",
+        "| game | data's most frequent | good | BC | TD only | CQL |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for game in args.games:
+        g = agg["greedy_actions"][game]
+        cells = []
+        for m in ("bc", "td", "cql"):
+            rs = [r for name, r in g["runs"].items() if name.startswith(f"{m}_seed")]
+            if not rs:
+                cells.append("n/a")
+                continue
+            mode = np.mean([r["greedy_is_data_mode"] for r in rs])
+            good = (
+                "-"
+                if g["good_action"] is None
+                else f"{np.mean([r['greedy_is_good_action'] for r in rs]):.2f}"
+            )
+            cells.append(f"{mode:.2f} / {good}")
+        good_name = "state-dependent" if g["good_action"] is None else ACTION_NAMES[g["good_action"]]
+        lines.append(f"| {game} | {ACTION_NAMES[g['data_mode']]} | {good_name} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -476,11 +532,13 @@ def main(args: Args) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     make_data(args)
     behavior = behavior_returns(args)
+    shares = data_action_shares(args)
     runs = run_all(args)
-    agg = aggregate(args, behavior, runs)
+    agg = aggregate(args, behavior, runs, shares)
     result = {
         "args": dataclasses.asdict(args),
         "behavior": behavior,
+        "data_action_shares": shares,
         "runs": runs,
         **agg,
         "wall_seconds_this_invocation": time.perf_counter() - start,

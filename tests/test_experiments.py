@@ -1,0 +1,131 @@
+"""Tests for experiments/: the scripted behavior policies (their RAM mapping on real ALE, determinism, the
+mixture), the recorder's module:function policies, and experiments/evidence.py's --quick path end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import atari
+import replay
+from experiments import behavior, evidence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ram_with(**values):
+    ram = np.zeros(128, np.uint8)
+    for name, v in values.items():
+        ram[getattr(behavior, f"BREAKOUT_{name.upper()}")] = v
+    return ram
+
+
+def test_breakout_policies_on_ram_values():
+    assert behavior.breakout_track(ram_with(ball_y=0, ball_x=50, paddle_x=120)) == behavior.FIRE
+    # aim = ball_x - 8 = 92; no move within 4 of the aim
+    assert behavior.breakout_track(ram_with(ball_y=100, ball_x=100, paddle_x=80)) == behavior.RIGHT
+    assert behavior.breakout_track(ram_with(ball_y=100, ball_x=100, paddle_x=95)) == behavior.NOOP
+    assert behavior.breakout_track(ram_with(ball_y=100, ball_x=100, paddle_x=120)) == behavior.LEFT
+    assert behavior.breakout_idle(ram_with(ball_y=0)) == behavior.FIRE
+    assert behavior.breakout_idle(ram_with(ball_y=100, ball_x=10, paddle_x=150)) == behavior.NOOP
+
+
+def test_breakout_ram_addresses_mean_what_the_policy_assumes():
+    """On real ALE: no ball before the serve (ball_y 0), a ball after FIRE, RIGHT moves the paddle right."""
+    env = atari.make_env("Breakout", seed=0, sticky_actions=0.0)
+    env.reset()
+    ram = env.unwrapped.ale.getRAM
+    assert ram()[behavior.BREAKOUT_BALL_Y] == 0
+    x0 = int(ram()[behavior.BREAKOUT_PADDLE_X])
+    for _ in range(3):
+        env.step(behavior.RIGHT)
+    assert int(ram()[behavior.BREAKOUT_PADDLE_X]) > x0
+    for _ in range(3):
+        env.step(behavior.LEFT)
+    assert int(ram()[behavior.BREAKOUT_PADDLE_X]) < int(x0) + 40
+    env.step(behavior.FIRE)
+    seen = []
+    for _ in range(20):
+        env.step(behavior.NOOP)
+        seen.append(int(ram()[behavior.BREAKOUT_BALL_Y]))
+    assert max(seen) > 0
+    env.close()
+
+
+def play(game, seed, steps):
+    env = atari.make_env(game, seed=seed)
+    act = behavior.scripted(game, env, np.random.default_rng(seed))
+    obs, _ = env.reset()
+    actions = []
+    for _ in range(steps):
+        a = act(obs)
+        actions.append(a)
+        obs, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            obs, _ = env.reset()
+    env.close()
+    return np.array(actions)
+
+
+@pytest.mark.parametrize("game", ["Freeway", "DemonAttack", "Breakout"])
+def test_scripted_policy_is_deterministic_and_legal(game):
+    a, b = play(game, 3, 300), play(game, 3, 300)
+    np.testing.assert_array_equal(a, b)
+    assert set(a.tolist()) <= set(atari.legal_actions(game))
+    assert not np.array_equal(a, play(game, 4, 300))
+
+
+def test_mixture_frequencies_make_the_bad_action_the_most_frequent():
+    freeway = play("Freeway", 0, 3000)
+    shares = {a: float(np.mean(freeway == a)) for a in (behavior.UP, behavior.NOOP, behavior.DOWN)}
+    assert shares[behavior.UP] == pytest.approx(0.40, abs=0.03)
+    assert shares[behavior.NOOP] == pytest.approx(0.45, abs=0.03)
+    demon = play("DemonAttack", 0, 3000)
+    assert np.mean(demon == behavior.FIRE) == pytest.approx(0.30, abs=0.03)
+    assert np.mean(demon == behavior.NOOP) == pytest.approx(0.40, abs=0.03)
+    with pytest.raises(ValueError, match="no scripted behavior for Pong"):
+        behavior.scripted("Pong", None, np.random.default_rng(0))
+
+
+def test_recorder_takes_a_module_function_policy(tmp_path):
+    (logs,) = replay.record(
+        tmp_path, ["Freeway"], num_checkpoints=2, capacity=1100, policy="experiments.behavior:scripted",
+        seed=1, progress=False,
+    )  # fmt: skip
+    assert replay.list_checkpoints(logs) == [0, 1]
+    data = replay.read_checkpoint(logs, 1)
+    legal = atari.legal_actions("Freeway")
+    up = legal.index(behavior.UP)
+    written = data["action"][3:]  # minimal-set indices (padding rows are action 0)
+    assert 0.3 < np.mean(written == up) < 0.5
+    returns = replay.read_episode_returns(logs)
+    assert returns == replay.read_episode_returns(logs, [0, 1]) and len(returns) >= 1  # Freeway: 2,048 steps
+    with pytest.raises(replay.ReplayDataError, match="no scripted behavior for Pong"):
+        replay.record(tmp_path / "x", ["Pong"], capacity=100, policy="experiments.behavior:scripted")
+    with pytest.raises(replay.ReplayDataError, match="nope"):
+        replay.record(tmp_path / "y", ["Pong"], capacity=100, policy="experiments.behavior:nope")
+
+
+def test_evidence_quick_runs_end_to_end_and_resumes(tmp_path):
+    dirs = {k: str(tmp_path / k) for k in ("out_dir", "data_dir", "runs_dir")}
+    cmd = [sys.executable, "experiments/evidence.py", "--quick", "--no-plots"]
+    cmd += [x for k, v in dirs.items() for x in (f"--{k.replace('_', '-')}", v)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| game | behavior (data) | BC | TD only | CQL |" in out.stdout
+    result = json.loads((tmp_path / "out_dir" / "results.json").read_text())
+    games = ("Freeway", "DemonAttack", "Breakout")
+    assert set(result["table"]) == set(games) and set(result["claim"]) == set(games)
+    for name in ("cql_seed1", "bc_seed1", "td_seed1"):
+        stages = result["runs"][name]
+        assert sorted(stages, key=int) == ["10", "20"] and stages["20"]["step"] == 20
+        diag = stages["20"]["diagnostics"]["Breakout"]
+        assert sum(diag["greedy_share"].values()) == pytest.approx(1.0)
+    assert result["args"]["quick"] and result["table"]["Freeway"]["cql"]["seeds"] == 1
+    before = (tmp_path / "runs_dir" / "cql_seed1" / "stages.json").read_text()
+    again = evidence.main(evidence.Args(quick=True, plots=False, **dirs))  # all cached: nothing re-runs
+    assert (tmp_path / "runs_dir" / "cql_seed1" / "stages.json").read_text() == before
+    assert again["table"] == result["table"]
