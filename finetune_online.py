@@ -16,9 +16,13 @@ e.g. Freeway, Hero or Breakout variants), against the same learner started from 
 * periodic evaluation on the variant with atari.evaluate (sticky actions, epsilon 0.001), TensorBoard, a
   final table, a summary JSON and a checkpoint in cql_multigame.py's format (one head: this game).
 
+It can also make DQN-Replay data: `--log-replay-dir` writes every env's replay the way batch_rl's logged
+replay buffer wrote DQN-Replay (`ReplayLogger`), and `--resume` continues an interrupted run (everything but
+the emulator states is restored; see `save_state` in `_train`).
+
 Left out: the paper's exact online budget and fine-tuning hyperparameters (our sources do not state them;
-every such default is marked "ours"), prioritized replay, resuming an interrupted fine-tuning run, and
-data-parallel acting/learning over several devices (one process, one device).
+every such default is marked "ours"), prioritized replay, and data-parallel acting/learning over several
+devices (one process, one device).
 
 Read top to bottom: `Args`, the network set-up, the replay helpers (`add_to_buffers`, `collect`,
 `sample_batch`), acting, evaluation and the report, then `main`.
