@@ -188,7 +188,8 @@ def check_args(args: Args) -> str:
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}.")
     for flag, value in {"--learning-starts": args.learning_starts, "--eval-every": args.eval_every,
-                        "--epsilon-decay-steps": args.epsilon_decay_steps}.items():  # fmt: skip
+                        "--epsilon-decay-steps": args.epsilon_decay_steps,
+                        "--save-every": args.save_every}.items():  # fmt: skip
         if value < 0:
             raise ConfigError(f"{flag} must be 0 or more, got {value}.")
     for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end}.items():
