@@ -331,6 +331,18 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
     return out
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, the kernel ends this worker when the process that started it dies (a
+    killed or interrupted evidence.py must not leave a worker training into the same run folder)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_all(args: Args) -> dict[str, dict[str, Any]]:
     """Every (method, seed) chain, --jobs at a time in subprocesses (spawned: no torch threads inherited)."""
     # seed by seed, cql and bc side by side, so a stopped invocation leaves comparable partial results
@@ -343,7 +355,9 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
             results[f"{m}_seed{s}"] = run_chain(args, m, s, threads)
         return results
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        args.jobs, mp_context=ctx, initializer=_die_with_parent
+    ) as pool:
         futures = {pool.submit(run_chain, args, m, s, threads): f"{m}_seed{s}" for m, s in chains}
         for f in concurrent.futures.as_completed(futures):
             results[futures[f]] = f.result()
