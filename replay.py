@@ -69,6 +69,16 @@ _STORE = {
     "terminal": np.dtype(np.uint8),
 }
 _NAMES = [STORE_PREFIX + k for k in _STORE] + ["add_count", "invalid_range"]
+# The optional 7th file of newer Dopamine: the indices where an episode ended, also without a terminal
+# (time-outs). Dopamine's save() pickles it (a Python set); this reader never unpickles (see
+# read_episode_ends). DQN-Replay lacks it.
+EPISODE_ENDS = "episode_end_indices"
+# DQN-Replay's numbering: 51 checkpoints 0..50 per run, 1M transitions each (the last one partial).
+DQN_REPLAY_SUFFIXES = tuple(range(51))
+DQN_REPLAY_CAPACITY = 1_000_000
+# "sub-optimal" = the first 20% of a run's checkpoints counted on DQN-Replay's numbering: suffixes 0..9
+# (10 of 51, as in Kumar et al. 2023 and Agarwal et al. 2020), whatever part of the run is downloaded.
+SUBOPTIMAL_SUFFIXES = tuple(range(10))
 _FILE_RE = re.compile(r"^(.+)_ckpt\.(\d+)\.gz$")
 DOWNLOAD_HINT = (
     "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
@@ -246,8 +256,10 @@ def write_checkpoint(
     """Write one DQN-Replay checkpoint (the six files) into `directory` (created if needed).
 
     observation uint8 [C, 84, 84], action int32 [C] (minimal-set index), reward float32 [C] (clipped),
-    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once); invalid_range defaults to
-    Dopamine's for update_horizon 1 (the DQN agent that recorded DQN-Replay).
+    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once) and is written as a 0-d int64
+    array, as Dopamine's save() writes it; invalid_range defaults to Dopamine's for update_horizon 1 (the DQN
+    agent that recorded DQN-Replay). The optional 7th file (episode_end_indices) is never written: DQN-Replay
+    lacks it and Dopamine's load() accepts its absence.
     compresslevel: ours, 6; Dopamine's GzipFile uses 9, which is ~15x slower on Atari frames for ~10% smaller
     files. Readers do not care.
     """
@@ -271,7 +283,9 @@ def write_checkpoint(
         path = _path(directory, file_name, suffix)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz:
-            np.save(gz, np.ascontiguousarray(arr), allow_pickle=False)
+            # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
+            # (np.ascontiguousarray would make it shape (1,), and their sampling then crashes)
+            np.save(gz, arr if arr.ndim == 0 else np.ascontiguousarray(arr), allow_pickle=False)
         os.replace(tmp, path)  # a killed writer never leaves a half file under the real name
 
 
@@ -299,10 +313,64 @@ class CheckpointInfo:
     suffix: int
     capacity: int  # C, rows of every store array
     add_count: int  # transitions ever added (cursor = add_count % C)
+    horizon: int = 1  # update horizon the writer's invalid_range was made for (DQN-Replay: 1)
+    episode_ends: tuple[int, ...] | None = None  # the 7th file's indices, when present and readable
 
     @property
     def num_stored(self) -> int:
         return min(self.add_count, self.capacity)
+
+    def rules(self, n_step: int) -> dict[str, Any]:
+        """Keyword arguments of is_valid/valid_mask for a reader with update horizon n_step: the wider of the
+        reader's and the file's invalid range (Dopamine's load() uses the file's), and the episode ends."""
+        ends = None if self.episode_ends is None else np.asarray(self.episode_ends, np.int64)
+        return {"invalid_horizon": max(n_step, self.horizon), "episode_ends": ends}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def read_episode_ends(directory: str | Path, suffix: int, capacity: int) -> np.ndarray | None:
+    """The optional 7th file, `episode_end_indices_ckpt.N.gz`: int64 [E] indices where an episode ended
+    (with or without a terminal), or None when the file is absent or cannot be read without pickle.
+
+    Dopamine's save() writes this Python set with pickle.dump. Unpickling runs arbitrary code, so this reader
+    never does it: a pickled file is skipped with a warning that says so (its time-outs are then not
+    honoured, as for DQN-Replay, which lacks the file). An np.save'd integer array (allow_pickle=False) is
+    read and honoured as Dopamine's is_valid_transition does: convert a file you trust with
+    `np.save(gz, np.fromiter(pickle.load(f), np.int64), allow_pickle=False)` through a gzip stream.
+    """
+    path = _path(directory, EPISODE_ENDS, suffix)
+    if not path.is_file():
+        return None
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(6)
+    except (OSError, EOFError) as e:
+        raise ReplayDataError(f"{path} is not a gzip file ({e}); re-download or delete it.") from None
+    if head != b"\x93NUMPY":
+        _warn_once(
+            f"{path} is a pickle (Dopamine's save() pickles this set) and this reader never unpickles, so "
+            f"checkpoint {suffix}'s episode ends without a terminal (time-outs) are not honoured; convert it "
+            "to an np.save'd int64 array to honour them (see replay.read_episode_ends)."
+        )
+        return None
+    ends = _load_small(path)
+    out_of_range = ends.size > 0 and (ends.min() < 0 or ends.max() >= capacity)
+    if ends.ndim > 1 or ends.dtype.kind not in "iu" or out_of_range:
+        raise ReplayDataError(
+            f"{path} holds {ends.dtype} {ends.shape}, expected integer indices in [0, {capacity}); "
+            "re-download it or delete it."
+        )
+    return np.unique(ends.reshape(-1).astype(np.int64))
 
 
 def _expect(f: _GzipNpy, name: str, capacity: int | None) -> int:
@@ -359,12 +427,15 @@ def scan_checkpoint(directory: str | Path, suffix: int) -> CheckpointInfo:
             f"{inv_path} does not match add_count {add_count} (cursor {add_count % capacity}): the files "
             "come from different snapshots; re-download or re-record this checkpoint."
         )
-    return CheckpointInfo(str(directory), suffix, capacity, add_count)
+    ends = read_episode_ends(directory, suffix, capacity)
+    ends_t = None if ends is None else tuple(int(x) for x in ends)
+    return CheckpointInfo(str(directory), suffix, capacity, add_count, horizon, ends_t)
 
 
 def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]:
     """Read a whole checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set
-    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n]."""
+    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n], and
+    episode_end_indices int64 [E] when the optional 7th file is present and readable without pickle."""
     info = scan_checkpoint(directory, suffix)
     out: dict[str, np.ndarray] = {}
     for name in _STORE:
@@ -372,6 +443,8 @@ def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]
             out[name] = f.read_all()
     out["add_count"] = np.array(info.add_count, np.int64)
     out["invalid_range"] = _load_small(_path(directory, "invalid_range", suffix)).astype(np.int64)
+    if info.episode_ends is not None:
+        out[EPISODE_ENDS] = np.asarray(info.episode_ends, np.int64)
     return out
 
 
@@ -380,24 +453,55 @@ def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]
 
 
 def is_valid(
-    index: np.ndarray, terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK
+    index: np.ndarray,
+    terminal: np.ndarray,
+    add_count: int,
+    n_step: int,
+    stack: int = STACK,
+    *,
+    invalid_horizon: int | None = None,
+    episode_ends: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dopamine's is_valid_transition for an array of indices (bool, same shape); terminal uint8 [C]."""
+    """Dopamine's is_valid_transition for an array of indices (bool, same shape); terminal uint8 [C].
+
+    invalid_horizon: the update horizon of the invalid range around the cursor (default n_step; pass the
+    wider of the reader's and the file's, as CheckpointInfo.rules does). episode_ends: indices of the
+    optional 7th file; an index whose n-step window i..i+n-1 holds an episode end without a terminal
+    (a time-out) is not valid, as in newer Dopamine.
+    """
     capacity = len(terminal)
     index = np.asarray(index, np.int64)
     cursor = add_count % capacity
+    h = n_step if invalid_horizon is None else max(n_step, invalid_horizon)
     ok = (index >= 0) & (index < capacity)
     if add_count < capacity:  # never wrapped: padding of the first episode, and the n-step window
         ok &= (index >= stack - 1) & (index < cursor - n_step)
-    ok &= (index - (cursor - n_step)) % capacity >= stack + n_step  # not in invalid_range
+    ok &= (index - (cursor - h)) % capacity >= stack + h  # not in invalid_range
     for k in range(1, stack):  # no terminal in the first stack-1 frames of the stack
         ok &= terminal[(index - k) % capacity] == 0
+    if episode_ends is not None and len(episode_ends):
+        cut = np.zeros(capacity, bool)  # episode ends without a terminal signal
+        cut[np.asarray(episode_ends, np.int64) % capacity] = True
+        cut &= terminal == 0
+        for j in range(n_step):
+            ok &= ~cut[(index + j) % capacity]
     return ok
 
 
-def valid_mask(terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK) -> np.ndarray:
+def valid_mask(
+    terminal: np.ndarray,
+    add_count: int,
+    n_step: int,
+    stack: int = STACK,
+    *,
+    invalid_horizon: int | None = None,
+    episode_ends: np.ndarray | None = None,
+) -> np.ndarray:
     """bool [C]: which indices of a circular-buffer snapshot may be sampled (see the module docstring)."""
-    return is_valid(np.arange(len(terminal)), terminal, add_count, n_step, stack)
+    return is_valid(
+        np.arange(len(terminal)), terminal, add_count, n_step, stack,
+        invalid_horizon=invalid_horizon, episode_ends=episode_ends,
+    )  # fmt: skip
 
 
 _MALLOC_TUNED = False
@@ -505,6 +609,9 @@ class FrameBuffer:
         self.reward = np.zeros(capacity, np.float32)
         self.terminal = np.zeros(capacity, np.uint8)
         self.add_count = 0
+        # set by from_checkpoint when the file says so (Dopamine's rules; see CheckpointInfo.rules)
+        self.invalid_horizon: int | None = None
+        self.episode_ends: np.ndarray | None = None  # bool [C] where an episode ended (7th file)
 
     @property
     def cursor(self) -> int:
@@ -520,6 +627,8 @@ class FrameBuffer:
         else:
             self.frames[c] = frame
         self.action[c], self.reward[c], self.terminal[c] = action, reward, terminal
+        if self.episode_ends is not None:  # Dopamine discards the overwritten row's end flag
+            self.episode_ends[c] = False
         self.add_count += 1
 
     def add(self, frame: np.ndarray, action: int, reward: float, terminal: bool) -> None:
@@ -530,14 +639,18 @@ class FrameBuffer:
                 self._put(None, 0, 0.0, False)
         self._put(frame, action, reward, terminal)
 
+    def _rules(self) -> dict[str, Any]:
+        ends = None if self.episode_ends is None else np.flatnonzero(self.episode_ends)
+        return {"invalid_horizon": self.invalid_horizon, "episode_ends": ends}
+
     def is_valid(self, index: np.ndarray) -> np.ndarray:
-        return is_valid(index, self.terminal, self.add_count, self.n_step)
+        return is_valid(index, self.terminal, self.add_count, self.n_step, **self._rules())
 
     def valid_indices(self) -> np.ndarray:
         """int64 [V]: every index that may be sampled now."""
         if self.add_count == 0:
             return np.zeros(0, np.int64)
-        return np.flatnonzero(valid_mask(self.terminal, self.add_count, self.n_step))
+        return np.flatnonzero(valid_mask(self.terminal, self.add_count, self.n_step, **self._rules()))
 
     def sample_indices(
         self, batch_size: int, rng: np.random.Generator, max_attempts: int = 1000
@@ -583,6 +696,10 @@ class FrameBuffer:
         buf = cls(len(data["observation"]), **kwargs)
         buf.frames, buf.action, buf.reward = data["observation"], data["action"], data["reward"]
         buf.terminal, buf.add_count = data["terminal"], int(data["add_count"])
+        buf.invalid_horizon = len(data["invalid_range"]) - STACK
+        if EPISODE_ENDS in data:
+            buf.episode_ends = np.zeros(buf.capacity, bool)
+            buf.episode_ends[data[EPISODE_ENDS]] = True
         return buf
 
 
@@ -593,9 +710,10 @@ class FrameBuffer:
 def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], where: str = "") -> list[int]:
     """Which checkpoint suffixes of one run make the data set.
 
-    "suboptimal": the first 20% of the run's checkpoints, max(1, N // 5) of them (ours: rounded down;
-    DQN-Replay's 51 checkpoints 0..50 give 0..9); "nearoptimal": all; or an explicit list of suffixes
-    (or a string "0,1,5").
+    "suboptimal": suffixes 0..9 by number (SUBOPTIMAL_SUFFIXES: the first 20% of DQN-Replay's 51 checkpoints
+    0..50, as in the paper), not a share of whatever is downloaded; of a partial download it takes those of
+    0..9 that are there and warns which are missing, and stops with one sentence if none are.
+    "nearoptimal": all; or an explicit list of suffixes (or a string "0,1,5").
     """
     available = sorted(available)
     if isinstance(checkpoints, str) and checkpoints not in ("suboptimal", "nearoptimal"):
@@ -606,7 +724,18 @@ def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], 
                 f"checkpoints {checkpoints!r} is not suboptimal, nearoptimal or suffixes like 0,1,2."
             ) from None
     if checkpoints == "suboptimal":
-        return available[: max(1, len(available) // 5)]
+        chosen = [s for s in SUBOPTIMAL_SUFFIXES if s in set(available)]
+        if not chosen:
+            raise ReplayDataError(
+                f"{where or 'this run'} holds none of the sub-optimal checkpoints 0..9 (found {available}); "
+                "download suffixes 0..9 of the run or pick --checkpoints by number."
+            )
+        missing = [s for s in SUBOPTIMAL_SUFFIXES if s not in set(available)]
+        if missing:
+            _warn_once(
+                f"{where or 'this run'} lacks sub-optimal checkpoints {missing} (of 0..9); using {chosen}."
+            )
+        return chosen
     if checkpoints == "nearoptimal":
         return available
     chosen = sorted({int(s) for s in checkpoints})
@@ -724,6 +853,11 @@ class MultiGameReplay:
             raise ReplayDataError(f"fraction {fraction} must be in (0, 1].")
         if n_step < 1 or not 0.0 <= gamma <= 1.0:
             raise ReplayDataError(f"n_step {n_step} must be >= 1 and gamma {gamma} in [0, 1].")
+        if n_step > 255:
+            raise ReplayDataError(
+                f"n_step {n_step} is above 255, the largest next-state offset the sampler stores per row "
+                "(uint8); use n_step <= 255."
+            )
         if reload_every < 1 or memory_budget_gb <= 0:
             raise ReplayDataError("reload_every must be >= 1 and memory_budget_gb > 0.")
         if len(games) == 0 or len(set(games)) != len(games):
@@ -911,10 +1045,20 @@ class MultiGameReplay:
             with _GzipNpy(_path(d, STORE_PREFIX + name, s), self._stop) as f:
                 _expect(f, name, C)
                 small[name] = f.read_all()
-        if small["action"].min() < 0 or small["action"].max() >= len(self._action_map[p.game]):
+        if info.add_count < C:  # rows never written (Dopamine stores with np.empty: any value) read as zeros
+            for name in ("action", "reward", "terminal"):
+                small[name][info.add_count :] = 0
+        mask = valid_mask(small["terminal"], info.add_count, self.n_step, **info.rules(self.n_step))  # [C]
+        i = np.arange(p.lo, p.hi)
+        ok = mask[i]
+        # Per-row checks look only at rows Dopamine's rules can touch: the action of a valid index.
+        legal = len(self._action_map[p.game])
+        bad = np.flatnonzero(mask & ((small["action"] < 0) | (small["action"] >= legal)))
+        if len(bad):
             raise ReplayDataError(
                 f"{_path(d, STORE_PREFIX + 'action', s)} holds actions outside {self.games[p.game]}'s "
-                f"{len(self._action_map[p.game])} legal actions: is this another game's data?"
+                f"{legal} legal actions ({int(small['action'][bad[0]])} at index {int(bad[0])}): is this "
+                "another game's data?"
             )
         frames = self._frames_arena[at : at + vhi - vlo]  # [vhi - vlo, 84, 84]
         a, b = max(vlo, 0), min(vhi, C)  # rows read from the file
@@ -929,15 +1073,16 @@ class MultiGameReplay:
             frames[C - vlo :] = frames[-vlo : -vlo + vhi - C]
         phys = np.arange(vlo, vhi) % C
         rows = slice(at, at + vhi - vlo)
-        self._action[rows] = self._action_map[p.game][small["action"][phys]]
+        act = small["action"][phys]
+        # rows no rule reads (never valid) may hold any action; they map to NOOP instead of raising
+        act = np.where((act >= 0) & (act < legal), act, 0)
+        self._action[rows] = self._action_map[p.game][act]
         # Rows whose n-step window runs past vhi are not valid (below), so their clipped values go unused.
         ret, length, discount = n_step_targets(
             small["reward"][phys], small["terminal"][phys], np.arange(vhi - vlo), self.n_step, self.gamma,
             mode="clip",
         )  # fmt: skip
         self._return[rows], self._discount[rows], self._next[rows] = ret, discount, length
-        i = np.arange(p.lo, p.hi)
-        ok = valid_mask(small["terminal"], info.add_count, self.n_step)[i]
         ok &= (i - (STACK - 1) >= vlo) & (i + self.n_step < vhi)  # stack and n-step window are loaded
         return vhi - vlo, at + (i[ok] - vlo)
 
