@@ -626,6 +626,63 @@ def test_streaming_rotation_covers_all_checkpoints_and_resume_repeats_batches(tm
     r2.close()
 
 
+def test_streaming_mixes_windows_of_different_checkpoints_covers_all_and_resumes_exactly(tmp_path):
+    games = ("Pong",)
+    cases = ("wrapped_cursor_mid", "long_episodes_wrapped")
+    where = make_dataset(tmp_path, games=games, num_ckpts=4, cases=cases)
+    legal = [atari.legal_actions(g) for g in games]
+    slot = 60  # frames per slot; checkpoints hold 40-50 transitions, so 3 windows of ~20 frames fit
+    budget = slot * 2 * replay._ROW_BYTES / 2**30  # 1 game + 1 spare slot
+    kw = dict(runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, seed=5)
+    r = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=400, windows_per_slot=3, **kw)
+    sets = r._sets[0]
+    assert len(sets) > 3 and all(len({p.key() for p in s}) == len(s) for s in sets)  # distinct checkpoints
+    assert sum(len(s) == 3 for s in sets) >= len(sets) - 1  # all but at most the last set mix 3 of them
+    pieces = [p for s in sets for p in s]
+    assert len(pieces) == len(set(pieces))  # every window in exactly one set: a pass covers everything
+    assert r.reload_every == 400 // (len(sets) + 1)  # auto: every set within the run
+    assert "up to 3 windows of different checkpoints per slot" in r.plan_summary()
+    seen, states, batches, per_batch = set(), {}, [], []
+    for call in range(400):
+        states[call] = json.loads(json.dumps(r.state_dict()))
+        batch = r.sample(24)
+        batches.append(batch)
+        ids = check_batch(batch, where, legal, 3, 0.99)
+        seen |= set(ids.tolist())
+        per_batch.append(len({where[int(i)][2] for i in ids}))
+    expected = all_valid(where, 3, keep=lambda k, buf, i: i >= 3 and i + 3 < buf.C)
+    assert seen == expected  # windows load their neighbours' edge frames: only the file ends are dropped
+    assert np.mean(per_batch) > 2.5  # a batch of one game draws from ~3 checkpoints (one window: 1)
+    report = r.plan_report(24, 400)
+    assert "data seen over the run: 100.0%" in report and "windows per slot: 3" in report
+    r.close()
+    r2 = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=400, windows_per_slot=3, **kw)
+    r2.load_state_dict(states[150])  # across several swaps
+    for call in range(150, 260):
+        for x, y in zip(r2.sample(24), batches[call], strict=True):
+            assert np.array_equal(x, y)
+    r2.close()
+    one = replay.MultiGameReplay(tmp_path, games, reload_every=50, windows_per_slot=1, **kw)
+    assert all(len(s) == 1 for s in one._sets[0])  # the old layout: one window per slot
+    one.close()
+
+
+def test_dry_run_plans_the_paper_presets_without_data():
+    sub = replay.MultiGameReplay.dry_run(atari.TRAIN_GAMES, runs=(1,), checkpoints="suboptimal",
+                                         reload_every=0, total_samples=10_000_000)  # fmt: skip
+    report = sub.plan_report(512, 10_000_000)
+    assert "10 checkpoints, 9,999,999 transitions per game (399,999,960 in all)" in report  # the paper's 400M
+    assert "windows per slot: 5" in report and "data seen over the run: 100.0%" in report
+    distinct = float(report.split("distinct checkpoints per batch: ")[1].split()[0])
+    assert distinct > 150  # vs 40 with one window per slot
+    old = replay.MultiGameReplay.dry_run(atari.TRAIN_GAMES, runs=(1, 2, 3, 4, 5), windows_per_slot=1,
+                                         total_samples=10_000_000)  # fmt: skip
+    old_report = old.plan_report(512, 10_000_000)  # the issue's numbers: 50M per game, ~44% ever seen
+    assert "data seen over the run: 44." in old_report and "distinct checkpoints per batch: 40 " in old_report
+    with pytest.raises(replay.ReplayDataError, match="n_step 256 is above 255"):
+        replay.MultiGameReplay.dry_run(["Pong"], n_step=256)
+
+
 def test_distributed_ranks_get_disjoint_shares(tmp_path):
     where = make_dataset(tmp_path, games=("Pong",), num_ckpts=4, cases=("wrapped_cursor_mid",))
     shares = []
@@ -741,10 +798,11 @@ def test_bad_paths_and_selections(tmp_path):
 
 def test_corrupt_checkpoint_in_background_is_excluded_and_training_goes_on(tmp_path):
     where = make_dataset(tmp_path, games=("Pong",), num_ckpts=4, cases=("long_episodes_wrapped",))
-    budget = 60 * 2 * replay._ROW_BYTES / 2**30  # one whole checkpoint per set
+    budget = 60 * 2 * replay._ROW_BYTES / 2**30  # one whole checkpoint per set (no mixing)
     r = replay.MultiGameReplay(
-        tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=5
-    )
+        tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=5,
+        windows_per_slot=1,
+    )  # fmt: skip
     r._job.done.wait()
     busy = {p.suffix for p in r._loaded[0] + (r._job.result or [])}
     bad = sorted({0, 1, 2, 3} - busy)[0]
