@@ -592,6 +592,9 @@ def make_q_fn(net: torch.nn.Module, game_index: int, support: torch.Tensor, devi
     return q_fn
 
 
+IQM_CI_KIND = "evaluation-episode noise of one training seed (episodes resampled within games)"
+
+
 def has_human_score(game: str) -> bool:
     """Carnival and Pooyan have no published human score: they are left out of human-normalized aggregates."""
     return not math.isnan(atari.HUMAN_SCORES.get(game, float("nan")))
@@ -600,8 +603,11 @@ def has_human_score(game: str) -> bool:
 def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
     """Play every game with its head; per-game mean return and HNS, and the IQM of HNS with a 95% CI.
 
-    IQM and CI follow rliable on the [episodes, games] matrix of human-normalized returns (stratified
-    bootstrap over episodes within each game); games without a human score are reported by return only.
+    The IQM is rliable's over the [runs, games] matrix of per-game MEAN human-normalized scores; one
+    training run (this one) is one row, so it is the IQM over the games' mean HNS. Its CI is the noise of
+    the evaluation episodes (atari.iqm_episode_noise_interval: episodes resampled within each game), not
+    rliable's across-seed CI, which needs several training seeds (atari.iqm_confidence_interval on their
+    [seeds, games] matrix of summary.json's per-game hns). Games without a human score: return only.
     """
     was_training = net.training
     net.eval()
@@ -627,13 +633,11 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
     scored_games = [g for g in games if per_game[g]["hns"] is not None]
     result = {"games": per_game, "iqm_hns": None, "iqm_ci": None}
     if scored_games:
-        # rliable's score matrix [runs, games], with the evaluation episodes as runs: the IQM is taken over
-        # all its entries and the CI resamples episodes within each game, so the two always agree.
-        episode_hns = np.stack(
-            [atari.human_normalized_score(g, np.array(per_game[g]["returns"])) for g in scored_games], axis=1
-        )  # [episodes, games]
-        lo, hi = atari.iqm_confidence_interval(episode_hns, seed=seed)
-        result.update(iqm_hns=float(atari.iqm(episode_hns)), iqm_ci=[float(lo), float(hi)])
+        mean_hns = [per_game[g]["hns"] for g in scored_games]  # one run's row of rliable's matrix
+        episode_hns = [atari.human_normalized_score(g, np.array(per_game[g]["returns"]))
+                       for g in scored_games]  # fmt: skip
+        lo, hi = atari.iqm_episode_noise_interval(episode_hns, seed=seed)
+        result.update(iqm_hns=atari.iqm(mean_hns), iqm_ci=[lo, hi], iqm_ci_kind=IQM_CI_KIND)
     return result
 
 
@@ -650,7 +654,10 @@ def format_summary(result: dict[str, Any], step: int) -> str:
         lines.append(f"| {game} | {r['mean_return']:.1f} | {hns} |")
     if result["iqm_hns"] is not None:
         lo, hi = result["iqm_ci"]
-        lines.append(f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}) |")
+        lines.append(
+            f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}, evaluation episodes) |"
+        )
+        lines += ["", f"IQM over the games' mean HNS; CI: {IQM_CI_KIND}, not an across-seed CI."]
     return "\n".join(lines)
 
 
