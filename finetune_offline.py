@@ -54,7 +54,8 @@ class Args:
     from_scratch: bool = False
     """the baseline: a random init of the checkpoint's network (or of --arch without a checkpoint)"""
     compare: bool = False
-    """run the fine-tuning, then the from-scratch baseline with the same seed and batches; print both"""
+    """run the fine-tuning, then the from-scratch baseline with the same seed and batches; print both
+    (with --freeze-trunk both are frozen: the baseline is then a random-features head)"""
     fine_tune_existing_head: bool = False
     """if the checkpoint already has a head for --game, fine-tune that head instead of a fresh one"""
     arch: str = ""
@@ -354,8 +355,9 @@ def main(args: Args) -> dict[str, Any]:
     base = Path(args.runs_dir) / name
     plans = [(args, base)]
     if args.compare:
+        # the baseline differs only in the init: with --freeze-trunk it is frozen too (random features)
         scratch = dataclasses.replace(
-            args, from_scratch=True, freeze_trunk=False, fine_tune_existing_head=False
+            args, from_scratch=True, freeze_trunk=args.freeze_trunk, fine_tune_existing_head=False
         )
         plans = [(args, base / "finetune"), (scratch, base / "scratch")]
     for _, run_dir in plans:
