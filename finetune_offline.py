@@ -68,7 +68,7 @@ class Args:
     runs: tuple[int, ...] = (1, 2, 3, 4, 5)
     """DQN-Replay runs (folder names 1..5) of the game"""
     checkpoints: str = "nearoptimal"
-    """"suboptimal" (first 20% of each run), "nearoptimal" (all), or suffixes like "0,1,2" """
+    """"suboptimal" (suffixes 0..9: the first 20% of a run), "nearoptimal" (all), or suffixes like "0,1" """
     fraction: float = 0.01
     """fraction of each selected checkpoint's transitions (its first ones, in file order).
     Paper: about 1% of the game's data, about 2M transitions. Ours: 1% of all 51 checkpoints of all

@@ -10,8 +10,10 @@ What is here
 - The DQN-Replay format (Agarwal et al. 2020) exactly as Dopamine's `OutOfGraphReplayBuffer.save` writes
   it: `<data_dir>/<Game>/<run>/replay_logs/{$store$_observation,$store$_action,$store$_reward,
   $store$_terminal,add_count,invalid_range}_ckpt.<N>.gz`, each one `np.save(..., allow_pickle=False)`
-  through a gzip stream: `write_checkpoint`, `read_checkpoint`, `list_checkpoints`. Nothing is ever
-  unpickled.
+  through a gzip stream (add_count a 0-d int64 array): `write_checkpoint`, `read_checkpoint`,
+  `list_checkpoints`. Rows Dopamine never wrote (np.empty storage) are never checked or read. The optional
+  7th file `episode_end_indices_ckpt.<N>.gz` is honoured when it is an np.save'd array (`read_episode_ends`);
+  nothing is ever unpickled.
 - Dopamine's sampling rules (`is_valid_transition`, `sample_index_batch`, `sample_transition_batch`),
   vectorized: `valid_mask` and `FrameBuffer` (a single-frame circular buffer; the recorder and online
   fine-tuning use it).
@@ -35,6 +37,8 @@ Invariants (Dopamine's, with stack size K = 4 and update horizon n; C = capacity
   (2) i is not one of the K + n indices c-n, ..., c+K-1 (mod C) around the cursor (Dopamine's
   `invalid_range`; the newest n lack their n-step window, the next K have stacks that straddle the cursor);
   (3) if the buffer never wrapped (add_count < C): 3 <= i < c - n.
+- Newer Dopamine only (the optional 7th file, episode_end_indices): (4) no episode end without a terminal
+  (a time-out) lies in i..i+n-1. The invalid range is the wider of the reader's n and the writer's horizon.
 - Target: the n-step reward sum_{j<L} gamma^j r_{i+j} stops at the first terminal in i..i+n-1 (inclusive,
   L = its offset + 1, else L = n); next state = stack ending at i + L; discount = gamma^n * (1 - terminal)
   (Dopamine's cumulative_gamma * (1 - is_terminal)).

@@ -96,11 +96,13 @@ def test_iqm_confidence_interval_matches_slow_stratified_bootstrap():
 # task, global RNG), scipy.stats.trim_mean(x, 0.25, axis=None) on each, and arch's "percentile" interval
 # np.percentile(results, [2.5, 97.5]). rliable is not a dependency: the values are hard-coded.
 RLIABLE_A = np.arange(80, dtype=float).reshape(5, 16)  # rliable's library_test matrix [runs, tasks]
-RLIABLE_B = np.array([  # [3 runs (seeds), 8 games] of per-game mean human-normalized scores
-    [0.12, 1.35, 0.48, 2.70, -0.05, 0.91, 0.33, 4.10],
-    [0.20, 1.10, 0.61, 1.95, 0.02, 1.20, 0.25, 3.40],
-    [0.08, 1.52, 0.44, 2.35, -0.11, 0.77, 0.41, 5.05],
-])
+RLIABLE_B = np.array(
+    [  # [3 runs (seeds), 8 games] of per-game mean human-normalized scores
+        [0.12, 1.35, 0.48, 2.70, -0.05, 0.91, 0.33, 4.10],
+        [0.20, 1.10, 0.61, 1.95, 0.02, 1.20, 0.25, 3.40],
+        [0.08, 1.52, 0.44, 2.35, -0.11, 0.77, 0.41, 5.05],
+    ]
+)
 RLIABLE_REFERENCE = {  # matrix: (aggregate_iqm, CI low, CI high)
     "A": (39.5, 32.55, 46.5),
     "B": (0.7808333333333334, 0.7066666666666666, 0.8574999999999999),
