@@ -290,10 +290,18 @@ def test_add_count_is_written_0d_as_dopamine_writes_it_and_both_shapes_read(tmp_
     fb.add(frame_with_id(1), 0, 0.0, False)
     fb.save(tmp_path / "b", 3)
     assert load_npy_gz(tmp_path / "b" / "add_count_ckpt.3.gz").shape == ()
-    # Dopamine's sample_index_batch and is_valid_transition on the loaded scalar (the shape-(1,) file crashed
-    # batch_rl's `index in set(...)`/`randint(min_id, max_id)` paths)
-    cursor = add % buf.C
-    assert isinstance(int(cursor - 1), int) and np.ndim(cursor) == 0
+    # Dopamine's sample_index_batch + is_valid_transition on what its load() reads, transcribed: with a 0-d
+    # add_count the index is a scalar; with the shape (1,) array this repo used to write it is an array and
+    # `index in set(self.invalid_range)` raises "unhashable type: 'numpy.ndarray'"
+    def dopamine_index(add_count, invalid_range):
+        min_id = add_count % buf.C - buf.C + 4 - 1  # is_full(): cursor - capacity + stack_size - 1
+        index = np.random.randint(min_id, add_count % buf.C - 1) % buf.C
+        return index in set(invalid_range)
+
+    inv = load_npy_gz(tmp_path / "a" / "invalid_range_ckpt.0.gz")
+    dopamine_index(add, inv)  # works
+    with pytest.raises(TypeError, match="unhashable"):
+        dopamine_index(add.reshape(1), inv)
     # and the reader still takes the shape (1,) files that earlier versions of this repo wrote
     plain_write(tmp_path / "c", 0, buf, add_count=np.array([buf.add_count], np.int64))
     assert int(replay.read_checkpoint(tmp_path / "c", 0)["add_count"]) == buf.add_count
