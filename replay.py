@@ -1315,6 +1315,7 @@ class MultiGameReplay:
             "rng": self._rng.bit_generator.state,
             "phase": list(self._phase),
             "next_event": self._next_event,
+            "reload_every": self.reload_every,  # resolved (auto depends on total_samples)
             "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
             "excluded": excluded,
         }
@@ -1343,6 +1344,9 @@ class MultiGameReplay:
         self._layouts.clear()
         self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
         self._next_event = int(state["next_event"])
+        if "reload_every" in state and self._rotating:  # keep the swap schedule the run started with
+            self.reload_every = int(state["reload_every"])  # (an auto period changes with --total-steps)
+            self._interval = max(1, self.reload_every // len(self._rotating))
         self._rng.bit_generator.state = state["rng"]
         self._submit_next()
 

@@ -664,8 +664,11 @@ def test_streaming_mixes_windows_of_different_checkpoints_covers_all_and_resumes
     report = r.plan_report(24, 400)
     assert "data seen over the run: 100.0%" in report and "windows per slot: 3" in report
     r.close()
-    r2 = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=400, windows_per_slot=3, **kw)
-    r2.load_state_dict(states[150])  # across several swaps
+    # across several swaps; a longer --total-steps on resume keeps the auto period the run started with
+    r2 = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=900, windows_per_slot=3, **kw)
+    assert r2.reload_every != r.reload_every
+    r2.load_state_dict(states[150])
+    assert r2.reload_every == r.reload_every
     for call in range(150, 260):
         for x, y in zip(r2.sample(24), batches[call], strict=True):
             assert np.array_equal(x, y)
