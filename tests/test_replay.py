@@ -780,6 +780,7 @@ def test_pickled_file_is_refused(tmp_path):
         replay.read_checkpoint(d, 0)
 
 
+@pytest.mark.filterwarnings("ignore:.*lacks sub-optimal checkpoints")  # 2 checkpoints, default "suboptimal"
 def test_bad_paths_and_selections(tmp_path):
     new = replay.MultiGameReplay
     with pytest.raises(replay.ReplayDataError, match="does not exist: download DQN-Replay with `gsutil"):
