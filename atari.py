@@ -12,7 +12,9 @@ Generalizes" (ICLR 2023), Section 5 (setup) and Appendix B. What this file imple
   terminals, unclipped rewards, at most 27,000 agent steps (108k frames) per episode, the full 18-action
   set. Game variants (Section 5.4, online fine-tuning) come from ALE modes and difficulties.
 - Human-normalized scores, the interquartile mean (IQM) and its stratified-bootstrap confidence interval
-  (rliable; Agarwal et al. 2021), which the paper uses to aggregate over games.
+  (rliable; Agarwal et al. 2021), which the paper uses to aggregate over games: rliable takes them on the
+  [runs, games] matrix of per-game MEAN scores, runs being independent training seeds. With one seed,
+  `iqm_episode_noise_interval` gives a CI of the evaluation-episode noise instead (a different quantity).
 - `evaluate`: epsilon-greedy (0.001) over each game's legal actions, several episodes at once with one
   batched Q-function call per step.
 
@@ -323,11 +325,18 @@ def _iqm_rows(x: np.ndarray) -> np.ndarray:
 
 
 def iqm(values: Sequence[float] | np.ndarray) -> float:
-    """Interquartile mean of all values (flattened): the mean of the middle 50% (rliable's IQM)."""
+    """Interquartile mean of all values (flattened): the mean of the middle 50% (rliable's aggregate_iqm,
+    scipy.stats.trim_mean(values, 0.25, axis=None)). For rliable's aggregate over games, pass the
+    [runs, games] matrix of per-game mean scores (runs = training seeds), not one row per episode."""
     x = np.asarray(values, dtype=np.float64).reshape(1, -1)
     if x.size == 0:
         raise AtariConfigError("iqm needs at least one value.")
     return float(_iqm_rows(x)[0])
+
+
+def _percentile_interval(boot: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])  # arch's "percentile" method
+    return float(lo), float(hi)
 
 
 def iqm_confidence_interval(
@@ -337,12 +346,14 @@ def iqm_confidence_interval(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval (1 - alpha) for the IQM, as rliable computes it.
+    """Percentile bootstrap confidence interval (1 - alpha) for the IQM, as rliable computes it
+    (get_interval_estimates with StratifiedBootstrap, method "percentile").
 
-    scores [runs, tasks] (e.g. human-normalized scores of several runs or episodes per game): stratified
-    bootstrap, i.e. each replicate resamples the runs of every task independently (with replacement) and
-    takes the IQM of the whole resampled matrix. scores [tasks] (one value per game): there is nothing to
-    stratify, so each replicate resamples the games. reps: ours, 10k (rliable uses 50k).
+    scores [runs, tasks]: per-game mean scores of independent runs (training seeds), rliable's convention.
+    Stratified bootstrap: each replicate resamples the runs of every task independently (with replacement)
+    and takes the IQM of the whole resampled matrix. scores [tasks] (one run): there is nothing to
+    stratify, so each replicate resamples the games (rliable's task_bootstrap on one run); for the noise of
+    the evaluation episodes of one run use iqm_episode_noise_interval. reps: ours, 10k (rliable: 50k).
     """
     x = np.asarray(scores, dtype=np.float64)
     if x.ndim == 1:
@@ -367,9 +378,38 @@ def iqm_confidence_interval(
         else:
             sample = x[0][rng.integers(tasks, size=(r, tasks))]  # [r, tasks]
         stats.append(_iqm_rows(sample.reshape(r, -1)))
-    boot = np.concatenate(stats)
-    lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
+    return _percentile_interval(np.concatenate(stats), alpha)
+
+
+def iqm_episode_noise_interval(
+    episode_scores: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    reps: int = 10_000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """CI (1 - alpha) of the IQM over games of ONE run's per-game mean scores, from evaluation-episode noise.
+
+    episode_scores: per game, the scores of its evaluation episodes ([episodes, games] or a list of one
+    sequence per game; counts may differ). Each replicate resamples the episodes of every game (with
+    replacement), takes each game's mean, then the IQM over games; percentile interval. It says how much
+    the evaluation episodes move the number, not how much another training seed would (that is
+    iqm_confidence_interval on the [seeds, games] matrix of per-game means). reps: ours, 10k.
+    """
+    if isinstance(episode_scores, np.ndarray) and episode_scores.ndim == 2:
+        episode_scores = list(episode_scores.T)  # [games][episodes]
+    columns = [np.asarray(c, dtype=np.float64).reshape(-1) for c in episode_scores]
+    if not columns or any(c.size == 0 or not np.isfinite(c).all() for c in columns):
+        raise AtariConfigError(
+            "iqm_episode_noise_interval needs finite scores of at least one episode per game."
+        )
+    if not 0.0 < alpha < 1.0:
+        raise AtariConfigError(f"alpha must be in (0, 1), got {alpha}.")
+    rng = np.random.default_rng(seed)
+    means = np.empty((reps, len(columns)))  # [reps, games]
+    for g, c in enumerate(columns):
+        means[:, g] = c[rng.integers(len(c), size=(reps, len(c)))].mean(axis=1)
+    return _percentile_interval(_iqm_rows(means), alpha)
 
 
 # ----------------------------------------------------------------------------------------------------------

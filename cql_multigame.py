@@ -71,16 +71,27 @@ class Args:
     """folder holding <Game>/<run>/replay_logs/ of DQN-Replay (gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game>)"""
     games: tuple[str, ...] = atari.TRAIN_GAMES
     """games to train on; one head per game, in this order (default: the paper's 40 training games)"""
-    runs: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """DQN-Replay runs (folder names 1..5) to use for every game"""
+    runs: tuple[int, ...] = (1,)
+    """DQN-Replay runs (folder names 1..5) to use for every game. Default: run 1 only, so that "suboptimal"
+    is the paper's amount: 400M transitions over 40 games = 10M per game = the first 20% of ONE run (the
+    abstract's numbers). Which run the paper used is not stated: run 1 is ours (runs are independent DQN
+    agents of equal standing); --runs 1 2 3 4 5 reads 5x the paper's data"""
     checkpoints: str = "suboptimal"
-    """"suboptimal" (first 20% of each run's checkpoints), "nearoptimal" (all), or suffixes like "0,1,2" """
+    """"suboptimal" (suffixes 0..9: the first 20% of DQN-Replay's 0..50 numbering), "nearoptimal" (all),
+    or suffixes like "0,1,2" """
     fraction: float = 1.0
     """fraction of the transitions of each selected checkpoint to use"""
     memory_budget_gb: float = 32.0
     """replay memory per process (ours); checkpoints rotate through memory when all don't fit"""
-    reload_every: int = 50_000
-    """gradient steps between swaps of the loaded checkpoints (ours)"""
+    reload_every: int = 0
+    """gradient steps between two swaps of a game's loaded data (ours; 0: auto, the longest period up to
+    50,000 at which every game loads all its selected data within --total-steps)"""
+    windows_per_slot: int = 5
+    """when the data does not fit: windows of this many different checkpoints share each game's slot, so a
+    batch mixes them (ours: batch_rl's FixedReplayBuffer mixes 5 checkpoints; 1: one window per slot)"""
+    plan_only: bool = False
+    """print the replay plan for DQN-Replay's sizes (slots, windows per slot, reload period, data seen over
+    the run, distinct checkpoints per batch) and exit; needs no data"""
     prefetch: int = 2
     """batches sampled ahead by a background thread (0: sample inside the loop)"""
     record_missing: int = 0
@@ -115,6 +126,10 @@ class Args:
     """weight of the CQL regularizer (ours: not stated for the multi-game runs)"""
     td_weight: float = 1.0
     """weight of the C51 TD loss; 0 with cql_alpha 1 is behavior cloning (see the `bc` preset)"""
+    double_q: bool = False
+    """pick the target's next action by the ONLINE network's Q (double DQN) instead of the target
+    network's (plain C51, ours: the paper does not say; Dopamine's offline configs, e.g.
+    labs/offline_rl jax_classy_cql.gin, set double_dqn = True)"""
 
     # --- speed ---
     channels_last: bool = False
@@ -150,12 +165,14 @@ class Args:
 
 PRESETS: dict[str, tuple[str, Args]] = {
     "paper-suboptimal": (
-        "the paper's main setting: 40 games, the first 20% of every DQN-Replay run (sub-optimal data)",
-        Args(checkpoints="suboptimal"),
+        "the paper's main setting: 40 games, checkpoints 0..9 (the first 20%) of DQN-Replay run 1: 10M "
+        "transitions per game, 400M in all (which run: ours)",
+        Args(runs=(1,), checkpoints="suboptimal"),
     ),
     "paper-nearoptimal": (
-        "the paper's near-optimal setting: 40 games, all checkpoints of every DQN-Replay run",
-        Args(checkpoints="nearoptimal"),
+        "the paper's near-optimal setting: 40 games, all 51 checkpoints of DQN-Replay run 1 (ours: the run "
+        "of the sub-optimal preset, so that one data set contains the other)",
+        Args(runs=(1,), checkpoints="nearoptimal"),
     ),
     "demo": (
         "CPU demo, no download: records a small random-policy dataset for 3 games, trains the tiny net",
@@ -394,10 +411,14 @@ def compute_loss(
     cql_alpha: float,
     td_weight: float = 1.0,
     bf16: bool = False,
+    double_q: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One batch -> (loss, metrics): n-step C51 target from the target network, then `c51_cql_loss`.
 
     batch: obs, next_obs uint8 [B, 4, 84, 84]; action, game int64 [B]; reward, discount float32 [B].
+    The next action is the argmax over legal actions of the target network's Q (plain C51, ours), or of the
+    online network's Q with double_q (double DQN, as Dopamine's offline configs); its distribution always
+    comes from the target network.
     """
     legal = legal_table[batch["game"]]  # [B, A]
     autocast = torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -405,8 +426,12 @@ def compute_loss(
         with torch.no_grad(), autocast:
             next_logits = target_net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
         next_probs = next_logits.softmax(-1)  # [B, A, K]
-        next_q = (next_probs * support).sum(-1).masked_fill(~legal, float("-inf"))  # [B, A]
-        next_action = next_q.argmax(-1)  # [B], legal actions only
+        next_q = (next_probs * support).sum(-1)  # [B, A]
+        if double_q:  # double DQN: the online network chooses, the target network evaluates
+            with torch.no_grad(), autocast:
+                online_next = net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
+            next_q = (online_next.softmax(-1) * support).sum(-1)  # [B, A]
+        next_action = next_q.masked_fill(~legal, float("-inf")).argmax(-1)  # [B], legal actions only
         batch_idx = torch.arange(next_probs.shape[0], device=next_probs.device)
         target_probs = categorical_projection(
             next_probs[batch_idx, next_action], batch["reward"], batch["discount"], support
@@ -592,6 +617,9 @@ def make_q_fn(net: torch.nn.Module, game_index: int, support: torch.Tensor, devi
     return q_fn
 
 
+IQM_CI_KIND = "evaluation-episode noise of one training seed (episodes resampled within games)"
+
+
 def has_human_score(game: str) -> bool:
     """Carnival and Pooyan have no published human score: they are left out of human-normalized aggregates."""
     return not math.isnan(atari.HUMAN_SCORES.get(game, float("nan")))
@@ -600,8 +628,11 @@ def has_human_score(game: str) -> bool:
 def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
     """Play every game with its head; per-game mean return and HNS, and the IQM of HNS with a 95% CI.
 
-    IQM and CI follow rliable on the [episodes, games] matrix of human-normalized returns (stratified
-    bootstrap over episodes within each game); games without a human score are reported by return only.
+    The IQM is rliable's over the [runs, games] matrix of per-game MEAN human-normalized scores; one
+    training run (this one) is one row, so it is the IQM over the games' mean HNS. Its CI is the noise of
+    the evaluation episodes (atari.iqm_episode_noise_interval: episodes resampled within each game), not
+    rliable's across-seed CI, which needs several training seeds (atari.iqm_confidence_interval on their
+    [seeds, games] matrix of summary.json's per-game hns). Games without a human score: return only.
     """
     was_training = net.training
     net.eval()
@@ -627,13 +658,11 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
     scored_games = [g for g in games if per_game[g]["hns"] is not None]
     result = {"games": per_game, "iqm_hns": None, "iqm_ci": None}
     if scored_games:
-        # rliable's score matrix [runs, games], with the evaluation episodes as runs: the IQM is taken over
-        # all its entries and the CI resamples episodes within each game, so the two always agree.
-        episode_hns = np.stack(
-            [atari.human_normalized_score(g, np.array(per_game[g]["returns"])) for g in scored_games], axis=1
-        )  # [episodes, games]
-        lo, hi = atari.iqm_confidence_interval(episode_hns, seed=seed)
-        result.update(iqm_hns=float(atari.iqm(episode_hns)), iqm_ci=[float(lo), float(hi)])
+        mean_hns = [per_game[g]["hns"] for g in scored_games]  # one run's row of rliable's matrix
+        episode_hns = [atari.human_normalized_score(g, np.array(per_game[g]["returns"]))
+                       for g in scored_games]  # fmt: skip
+        lo, hi = atari.iqm_episode_noise_interval(episode_hns, seed=seed)
+        result.update(iqm_hns=atari.iqm(mean_hns), iqm_ci=[lo, hi], iqm_ci_kind=IQM_CI_KIND)
     return result
 
 
@@ -650,7 +679,10 @@ def format_summary(result: dict[str, Any], step: int) -> str:
         lines.append(f"| {game} | {r['mean_return']:.1f} | {hns} |")
     if result["iqm_hns"] is not None:
         lo, hi = result["iqm_ci"]
-        lines.append(f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}) |")
+        lines.append(
+            f"| **IQM** | | **{result['iqm_hns']:.3f}** (95% CI {lo:.3f} .. {hi:.3f}, evaluation episodes) |"
+        )
+        lines += ["", f"IQM over the games' mean HNS; CI: {IQM_CI_KIND}, not an across-seed CI."]
     return "\n".join(lines)
 
 
@@ -828,7 +860,49 @@ def choose_run_dir(args: Args) -> Path:
     return root / names[-1]
 
 
+def replay_plan(args: Args, world_size: int = 1) -> str:
+    """--plan-only: what MultiGameReplay would do with these flags on DQN-Replay-sized data (51 checkpoints
+    of 1M transitions per run), computed without any data: replay.MultiGameReplay.dry_run + plan_report."""
+    plan = replay.MultiGameReplay.dry_run(
+        list(args.games), runs=tuple(args.runs), checkpoints=parse_checkpoints(args.checkpoints),
+        fraction=args.fraction, n_step=args.n_step, memory_budget_gb=args.memory_budget_gb,
+        reload_every=args.reload_every, windows_per_slot=args.windows_per_slot,
+        total_samples=args.total_steps, seed=args.seed, rank=0, world_size=world_size,
+    )  # fmt: skip
+    return plan.plan_report(args.batch_size // world_size, args.total_steps)
+
+
+def drop_history_after(path: Path, step: int) -> None:
+    """--resume after a kill: metrics.jsonl may hold lines past the checkpoint's step, which the resumed run
+    writes again; keep only lines up to `step` (TensorBoard's events get purge_step for the same reason)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def all_finite(net: torch.nn.Module, step: int) -> bool:
+    """Whether every parameter is finite (one small graph and one host sync); if not, warn that the save at
+    `step` is skipped, so that the last good checkpoint is kept and the user knows why it is older."""
+    if torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all():
+        return True
+    print(
+        f"warning: non-finite weights at step {step}: checkpoint not saved, the last good one stays in place",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
 def main(args: Args) -> dict[str, Any]:
+    if args.plan_only:  # needs no data, no device
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        print(replay_plan(args, int(os.environ.get("WORLD_SIZE", "1"))))
+        return {}
     device = select_device(args.device)
     d = setup_distributed(device)
     check_args(args, d.world_size)
@@ -871,6 +945,8 @@ def main(args: Args) -> dict[str, Any]:
         gamma=args.gamma,
         memory_budget_gb=args.memory_budget_gb,
         reload_every=args.reload_every,
+        windows_per_slot=args.windows_per_slot,
+        total_samples=args.total_steps,
         seed=args.seed + 1000 * d.rank,
         rank=d.rank,
         world_size=d.world_size,
@@ -917,7 +993,9 @@ def main(args: Args) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir))
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_ckpt is not None else None)
+        if resume_ckpt is not None:
+            drop_history_after(run_dir / "metrics.jsonl", step)
         write_hyperparameters(writer, args)
         counts = resnet.count_parameters(net)
         print(
@@ -941,7 +1019,7 @@ def main(args: Args) -> dict[str, Any]:
 
     def save(at_step: int) -> None:
         # one small graph and one host sync (not one per parameter tensor)
-        if not torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all():
+        if not all_finite(net, at_step):
             return  # never overwrite the last good checkpoint with a broken network
         if not d.main:  # every other rank keeps its own sampler state beside the checkpoint
             save_checkpoint(
@@ -957,8 +1035,9 @@ def main(args: Args) -> dict[str, Any]:
         while step < args.total_steps:
             batch, replay_state = stream.next()
             loss, metrics = loss_fn(
-                model, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16
-            )
+                model, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16,
+                args.double_q,
+            )  # fmt: skip
             gradient_step(loss, optimizer, device)
             step += 1
             if step % args.target_update_every == 0:

@@ -54,7 +54,8 @@ class Args:
     from_scratch: bool = False
     """the baseline: a random init of the checkpoint's network (or of --arch without a checkpoint)"""
     compare: bool = False
-    """run the fine-tuning, then the from-scratch baseline with the same seed and batches; print both"""
+    """run the fine-tuning, then the from-scratch baseline with the same seed and batches; print both
+    (with --freeze-trunk both are frozen: the baseline is then a random-features head)"""
     fine_tune_existing_head: bool = False
     """if the checkpoint already has a head for --game, fine-tune that head instead of a fresh one"""
     arch: str = ""
@@ -67,7 +68,7 @@ class Args:
     runs: tuple[int, ...] = (1, 2, 3, 4, 5)
     """DQN-Replay runs (folder names 1..5) of the game"""
     checkpoints: str = "nearoptimal"
-    """"suboptimal" (first 20% of each run), "nearoptimal" (all), or suffixes like "0,1,2" """
+    """"suboptimal" (suffixes 0..9: the first 20% of a run), "nearoptimal" (all), or suffixes like "0,1" """
     fraction: float = 0.01
     """fraction of each selected checkpoint's transitions (its first ones, in file order).
     Paper: about 1% of the game's data, about 2M transitions. Ours: 1% of all 51 checkpoints of all
@@ -354,8 +355,9 @@ def main(args: Args) -> dict[str, Any]:
     base = Path(args.runs_dir) / name
     plans = [(args, base)]
     if args.compare:
+        # the baseline differs only in the init: with --freeze-trunk it is frozen too (random features)
         scratch = dataclasses.replace(
-            args, from_scratch=True, freeze_trunk=False, fine_tune_existing_head=False
+            args, from_scratch=True, freeze_trunk=args.freeze_trunk, fine_tune_existing_head=False
         )
         plans = [(args, base / "finetune"), (scratch, base / "scratch")]
     for _, run_dir in plans:

@@ -10,13 +10,16 @@ What is here
 - The DQN-Replay format (Agarwal et al. 2020) exactly as Dopamine's `OutOfGraphReplayBuffer.save` writes
   it: `<data_dir>/<Game>/<run>/replay_logs/{$store$_observation,$store$_action,$store$_reward,
   $store$_terminal,add_count,invalid_range}_ckpt.<N>.gz`, each one `np.save(..., allow_pickle=False)`
-  through a gzip stream: `write_checkpoint`, `read_checkpoint`, `list_checkpoints`. Nothing is ever
-  unpickled.
+  through a gzip stream (add_count a 0-d int64 array): `write_checkpoint`, `read_checkpoint`,
+  `list_checkpoints`. Rows Dopamine never wrote (np.empty storage) are never checked or read. The optional
+  7th file `episode_end_indices_ckpt.<N>.gz` is honoured when it is an np.save'd array (`read_episode_ends`);
+  nothing is ever unpickled.
 - Dopamine's sampling rules (`is_valid_transition`, `sample_index_batch`, `sample_transition_batch`),
   vectorized: `valid_mask` and `FrameBuffer` (a single-frame circular buffer; the recorder and online
   fine-tuning use it).
 - `MultiGameReplay`: many games x runs x checkpoints under a memory budget, sampled with an equal share per
-  game; checkpoints (or windows of them) rotate through memory, loaded ahead by a background thread.
+  game; sets of windows from several checkpoints rotate through memory, loaded ahead by a background
+  thread; `MultiGameReplay.dry_run(...).plan_report(...)` plans DQN-Replay sizes without any data.
 - The recorder, `python replay.py --help`: plays ALE (atari.make_env) with a random or epsilon-greedy
   Q-network policy and writes DQN-Replay checkpoints.
 
@@ -34,6 +37,8 @@ Invariants (Dopamine's, with stack size K = 4 and update horizon n; C = capacity
   (2) i is not one of the K + n indices c-n, ..., c+K-1 (mod C) around the cursor (Dopamine's
   `invalid_range`; the newest n lack their n-step window, the next K have stacks that straddle the cursor);
   (3) if the buffer never wrapped (add_count < C): 3 <= i < c - n.
+- Newer Dopamine only (the optional 7th file, episode_end_indices): (4) no episode end without a terminal
+  (a time-out) lies in i..i+n-1. The invalid range is the wider of the reader's n and the writer's horizon.
 - Target: the n-step reward sum_{j<L} gamma^j r_{i+j} stops at the first terminal in i..i+n-1 (inclusive,
   L = its offset + 1, else L = n); next state = stack ending at i + L; discount = gamma^n * (1 - terminal)
   (Dopamine's cumulative_gamma * (1 - is_terminal)).
@@ -70,6 +75,16 @@ _STORE = {
     "terminal": np.dtype(np.uint8),
 }
 _NAMES = [STORE_PREFIX + k for k in _STORE] + ["add_count", "invalid_range"]
+# The optional 7th file of newer Dopamine: the indices where an episode ended, also without a terminal
+# (time-outs). Dopamine's save() pickles it (a Python set); this reader never unpickles (see
+# read_episode_ends). DQN-Replay lacks it.
+EPISODE_ENDS = "episode_end_indices"
+# DQN-Replay's numbering: 51 checkpoints 0..50 per run, 1M transitions each (the last one partial).
+DQN_REPLAY_SUFFIXES = tuple(range(51))
+DQN_REPLAY_CAPACITY = 1_000_000
+# "sub-optimal" = the first 20% of a run's checkpoints counted on DQN-Replay's numbering: suffixes 0..9
+# (10 of 51, as in Kumar et al. 2023 and Agarwal et al. 2020), whatever part of the run is downloaded.
+SUBOPTIMAL_SUFFIXES = tuple(range(10))
 _FILE_RE = re.compile(r"^(.+)_ckpt\.(\d+)\.gz$")
 DOWNLOAD_HINT = (
     "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
@@ -79,6 +94,12 @@ DOWNLOAD_HINT = (
 # target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
 # slot of the valid-index table (int64 past 2**31 rows).
 _ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
+
+
+RELOAD_EVERY = 50_000  # ours: sample() calls between two sets of the same game (the cap of reload_every=0)
+# checkpoint load (gzip inflate + parse) measured by benchmarks/bench_replay.py on this project's CPU (README)
+INFLATE_BYTES_PER_S = 1.439e9
+WINDOWS_PER_SLOT = 5  # ours: windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
 
 
 class ReplayDataError(ValueError):
@@ -247,8 +268,10 @@ def write_checkpoint(
     """Write one DQN-Replay checkpoint (the six files) into `directory` (created if needed).
 
     observation uint8 [C, 84, 84], action int32 [C] (minimal-set index), reward float32 [C] (clipped),
-    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once); invalid_range defaults to
-    Dopamine's for update_horizon 1 (the DQN agent that recorded DQN-Replay).
+    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once) and is written as a 0-d int64
+    array, as Dopamine's save() writes it; invalid_range defaults to Dopamine's for update_horizon 1 (the DQN
+    agent that recorded DQN-Replay). The optional 7th file (episode_end_indices) is never written: DQN-Replay
+    lacks it and Dopamine's load() accepts its absence.
     compresslevel: ours, 6; Dopamine's GzipFile uses 9, which is ~15x slower on Atari frames for ~10% smaller
     files. Readers do not care.
     """
@@ -272,7 +295,9 @@ def write_checkpoint(
         path = _path(directory, file_name, suffix)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz:
-            np.save(gz, np.ascontiguousarray(arr), allow_pickle=False)
+            # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
+            # (np.ascontiguousarray would make it shape (1,), and their sampling then crashes)
+            np.save(gz, arr if arr.ndim == 0 else np.ascontiguousarray(arr), allow_pickle=False)
         os.replace(tmp, path)  # a killed writer never leaves a half file under the real name
 
 
@@ -300,10 +325,64 @@ class CheckpointInfo:
     suffix: int
     capacity: int  # C, rows of every store array
     add_count: int  # transitions ever added (cursor = add_count % C)
+    horizon: int = 1  # update horizon the writer's invalid_range was made for (DQN-Replay: 1)
+    episode_ends: tuple[int, ...] | None = None  # the 7th file's indices, when present and readable
 
     @property
     def num_stored(self) -> int:
         return min(self.add_count, self.capacity)
+
+    def rules(self, n_step: int) -> dict[str, Any]:
+        """Keyword arguments of is_valid/valid_mask for a reader with update horizon n_step: the wider of the
+        reader's and the file's invalid range (Dopamine's load() uses the file's), and the episode ends."""
+        ends = None if self.episode_ends is None else np.asarray(self.episode_ends, np.int64)
+        return {"invalid_horizon": max(n_step, self.horizon), "episode_ends": ends}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def read_episode_ends(directory: str | Path, suffix: int, capacity: int) -> np.ndarray | None:
+    """The optional 7th file, `episode_end_indices_ckpt.N.gz`: int64 [E] indices where an episode ended
+    (with or without a terminal), or None when the file is absent or cannot be read without pickle.
+
+    Dopamine's save() writes this Python set with pickle.dump. Unpickling runs arbitrary code, so this reader
+    never does it: a pickled file is skipped with a warning that says so (its time-outs are then not
+    honoured, as for DQN-Replay, which lacks the file). An np.save'd integer array (allow_pickle=False) is
+    read and honoured as Dopamine's is_valid_transition does: convert a file you trust with
+    `np.save(gz, np.fromiter(pickle.load(f), np.int64), allow_pickle=False)` through a gzip stream.
+    """
+    path = _path(directory, EPISODE_ENDS, suffix)
+    if not path.is_file():
+        return None
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(6)
+    except (OSError, EOFError) as e:
+        raise ReplayDataError(f"{path} is not a gzip file ({e}); re-download or delete it.") from None
+    if head != b"\x93NUMPY":
+        _warn_once(
+            f"{path} is a pickle (Dopamine's save() pickles this set) and this reader never unpickles, so "
+            f"checkpoint {suffix}'s episode ends without a terminal (time-outs) are not honoured; convert it "
+            "to an np.save'd int64 array to honour them (see replay.read_episode_ends)."
+        )
+        return None
+    ends = _load_small(path)
+    out_of_range = ends.size > 0 and (ends.min() < 0 or ends.max() >= capacity)
+    if ends.ndim > 1 or ends.dtype.kind not in "iu" or out_of_range:
+        raise ReplayDataError(
+            f"{path} holds {ends.dtype} {ends.shape}, expected integer indices in [0, {capacity}); "
+            "re-download it or delete it."
+        )
+    return np.unique(ends.reshape(-1).astype(np.int64))
 
 
 def _expect(f: _GzipNpy, name: str, capacity: int | None) -> int:
@@ -360,12 +439,15 @@ def scan_checkpoint(directory: str | Path, suffix: int) -> CheckpointInfo:
             f"{inv_path} does not match add_count {add_count} (cursor {add_count % capacity}): the files "
             "come from different snapshots; re-download or re-record this checkpoint."
         )
-    return CheckpointInfo(str(directory), suffix, capacity, add_count)
+    ends = read_episode_ends(directory, suffix, capacity)
+    ends_t = None if ends is None else tuple(int(x) for x in ends)
+    return CheckpointInfo(str(directory), suffix, capacity, add_count, horizon, ends_t)
 
 
 def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]:
     """Read a whole checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set
-    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n]."""
+    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n], and
+    episode_end_indices int64 [E] when the optional 7th file is present and readable without pickle."""
     info = scan_checkpoint(directory, suffix)
     out: dict[str, np.ndarray] = {}
     for name in _STORE:
@@ -373,6 +455,8 @@ def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]
             out[name] = f.read_all()
     out["add_count"] = np.array(info.add_count, np.int64)
     out["invalid_range"] = _load_small(_path(directory, "invalid_range", suffix)).astype(np.int64)
+    if info.episode_ends is not None:
+        out[EPISODE_ENDS] = np.asarray(info.episode_ends, np.int64)
     return out
 
 
@@ -381,24 +465,55 @@ def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]
 
 
 def is_valid(
-    index: np.ndarray, terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK
+    index: np.ndarray,
+    terminal: np.ndarray,
+    add_count: int,
+    n_step: int,
+    stack: int = STACK,
+    *,
+    invalid_horizon: int | None = None,
+    episode_ends: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dopamine's is_valid_transition for an array of indices (bool, same shape); terminal uint8 [C]."""
+    """Dopamine's is_valid_transition for an array of indices (bool, same shape); terminal uint8 [C].
+
+    invalid_horizon: the update horizon of the invalid range around the cursor (default n_step; pass the
+    wider of the reader's and the file's, as CheckpointInfo.rules does). episode_ends: indices of the
+    optional 7th file; an index whose n-step window i..i+n-1 holds an episode end without a terminal
+    (a time-out) is not valid, as in newer Dopamine.
+    """
     capacity = len(terminal)
     index = np.asarray(index, np.int64)
     cursor = add_count % capacity
+    h = n_step if invalid_horizon is None else max(n_step, invalid_horizon)
     ok = (index >= 0) & (index < capacity)
     if add_count < capacity:  # never wrapped: padding of the first episode, and the n-step window
         ok &= (index >= stack - 1) & (index < cursor - n_step)
-    ok &= (index - (cursor - n_step)) % capacity >= stack + n_step  # not in invalid_range
+    ok &= (index - (cursor - h)) % capacity >= stack + h  # not in invalid_range
     for k in range(1, stack):  # no terminal in the first stack-1 frames of the stack
         ok &= terminal[(index - k) % capacity] == 0
+    if episode_ends is not None and len(episode_ends):
+        cut = np.zeros(capacity, bool)  # episode ends without a terminal signal
+        cut[np.asarray(episode_ends, np.int64) % capacity] = True
+        cut &= terminal == 0
+        for j in range(n_step):
+            ok &= ~cut[(index + j) % capacity]
     return ok
 
 
-def valid_mask(terminal: np.ndarray, add_count: int, n_step: int, stack: int = STACK) -> np.ndarray:
+def valid_mask(
+    terminal: np.ndarray,
+    add_count: int,
+    n_step: int,
+    stack: int = STACK,
+    *,
+    invalid_horizon: int | None = None,
+    episode_ends: np.ndarray | None = None,
+) -> np.ndarray:
     """bool [C]: which indices of a circular-buffer snapshot may be sampled (see the module docstring)."""
-    return is_valid(np.arange(len(terminal)), terminal, add_count, n_step, stack)
+    return is_valid(
+        np.arange(len(terminal)), terminal, add_count, n_step, stack,
+        invalid_horizon=invalid_horizon, episode_ends=episode_ends,
+    )  # fmt: skip
 
 
 _MALLOC_TUNED = False
@@ -506,6 +621,9 @@ class FrameBuffer:
         self.reward = np.zeros(capacity, np.float32)
         self.terminal = np.zeros(capacity, np.uint8)
         self.add_count = 0
+        # set by from_checkpoint when the file says so (Dopamine's rules; see CheckpointInfo.rules)
+        self.invalid_horizon: int | None = None
+        self.episode_ends: np.ndarray | None = None  # bool [C] where an episode ended (7th file)
 
     @property
     def cursor(self) -> int:
@@ -521,6 +639,8 @@ class FrameBuffer:
         else:
             self.frames[c] = frame
         self.action[c], self.reward[c], self.terminal[c] = action, reward, terminal
+        if self.episode_ends is not None:  # Dopamine discards the overwritten row's end flag
+            self.episode_ends[c] = False
         self.add_count += 1
 
     def add(self, frame: np.ndarray, action: int, reward: float, terminal: bool) -> None:
@@ -531,14 +651,18 @@ class FrameBuffer:
                 self._put(None, 0, 0.0, False)
         self._put(frame, action, reward, terminal)
 
+    def _rules(self) -> dict[str, Any]:
+        ends = None if self.episode_ends is None else np.flatnonzero(self.episode_ends)
+        return {"invalid_horizon": self.invalid_horizon, "episode_ends": ends}
+
     def is_valid(self, index: np.ndarray) -> np.ndarray:
-        return is_valid(index, self.terminal, self.add_count, self.n_step)
+        return is_valid(index, self.terminal, self.add_count, self.n_step, **self._rules())
 
     def valid_indices(self) -> np.ndarray:
         """int64 [V]: every index that may be sampled now."""
         if self.add_count == 0:
             return np.zeros(0, np.int64)
-        return np.flatnonzero(valid_mask(self.terminal, self.add_count, self.n_step))
+        return np.flatnonzero(valid_mask(self.terminal, self.add_count, self.n_step, **self._rules()))
 
     def sample_indices(
         self, batch_size: int, rng: np.random.Generator, max_attempts: int = 1000
@@ -584,6 +708,10 @@ class FrameBuffer:
         buf = cls(len(data["observation"]), **kwargs)
         buf.frames, buf.action, buf.reward = data["observation"], data["action"], data["reward"]
         buf.terminal, buf.add_count = data["terminal"], int(data["add_count"])
+        buf.invalid_horizon = len(data["invalid_range"]) - STACK
+        if EPISODE_ENDS in data:
+            buf.episode_ends = np.zeros(buf.capacity, bool)
+            buf.episode_ends[data[EPISODE_ENDS]] = True
         return buf
 
 
@@ -594,9 +722,10 @@ class FrameBuffer:
 def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], where: str = "") -> list[int]:
     """Which checkpoint suffixes of one run make the data set.
 
-    "suboptimal": the first 20% of the run's checkpoints, max(1, N // 5) of them (ours: rounded down;
-    DQN-Replay's 51 checkpoints 0..50 give 0..9); "nearoptimal": all; or an explicit list of suffixes
-    (or a string "0,1,5").
+    "suboptimal": suffixes 0..9 by number (SUBOPTIMAL_SUFFIXES: the first 20% of DQN-Replay's 51 checkpoints
+    0..50, as in the paper), not a share of whatever is downloaded; of a partial download it takes those of
+    0..9 that are there and warns which are missing, and stops with one sentence if none are.
+    "nearoptimal": all; or an explicit list of suffixes (or a string "0,1,5").
     """
     available = sorted(available)
     if isinstance(checkpoints, str) and checkpoints not in ("suboptimal", "nearoptimal"):
@@ -607,7 +736,18 @@ def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], 
                 f"checkpoints {checkpoints!r} is not suboptimal, nearoptimal or suffixes like 0,1,2."
             ) from None
     if checkpoints == "suboptimal":
-        return available[: max(1, len(available) // 5)]
+        chosen = [s for s in SUBOPTIMAL_SUFFIXES if s in set(available)]
+        if not chosen:
+            raise ReplayDataError(
+                f"{where or 'this run'} holds none of the sub-optimal checkpoints 0..9 (found {available}); "
+                "download suffixes 0..9 of the run or pick --checkpoints by number."
+            )
+        missing = [s for s in SUBOPTIMAL_SUFFIXES if s not in set(available)]
+        if missing:
+            _warn_once(
+                f"{where or 'this run'} lacks sub-optimal checkpoints {missing} (of 0..9); using {chosen}."
+            )
+        return chosen
     if checkpoints == "nearoptimal":
         return available
     chosen = sorted({int(s) for s in checkpoints})
@@ -684,13 +824,18 @@ class MultiGameReplay:
     windows of them, so ranks see disjoint data.
 
     Memory (per process): all of this rank's data stays resident if it fits in memory_budget_gb. Otherwise
-    every game gets a slot of budget / (G + 1) bytes, filled with a set of whole checkpoints, or windows of
-    one when a checkpoint does not fit, and one spare slot of the same size: a background thread loads the
-    next set of one game into the spare slot, and every reload_every // G_rotating sample() calls the next
-    rotating game swaps in its new set (round-robin), so each game's set changes every reload_every calls
-    and the overhead is 1/G of the budget. Swaps happen at fixed sample counts (if the thread is late, the
-    learner waits and stats() counts it). A checkpoint found corrupt by the thread is reported (warning),
-    excluded and replaced by the next set of that game; errors at start-up stop the run.
+    every game gets a slot of budget / (G + 1) bytes and there is one spare slot of the same size. A slot
+    holds a set of pieces from up to `windows_per_slot` different checkpoints (or runs): whole checkpoints
+    where 1/windows_per_slot of a slot holds one, else windows of them, so that a batch mixes several
+    checkpoints (batch_rl's FixedReplayBuffer mixes 5); every piece is in exactly one set, so a pass over a
+    game's sets covers all its selected data. A background thread loads the next set of one game into the
+    spare slot, and every reload_every // G_rotating sample() calls the next rotating game swaps in its new
+    set (round-robin), so each game's set changes every reload_every calls and the overhead is 1/G of the
+    budget. reload_every=0 (auto) picks the longest period up to 50,000 at which every game visits all its
+    sets within total_samples calls. dry_run() and plan_report() show the plan for DQN-Replay sizes.
+    Swaps happen at fixed sample counts (if the thread is late, the learner waits and stats() counts it).
+    A checkpoint found corrupt by the thread is reported (warning), excluded and replaced by the next set
+    of that game; errors at start-up stop the run.
 
     Sampling: batch_size // G transitions per game, the batch_size % G extra ones to games in rotating
     order; within a game, uniform over the valid transitions of its loaded set (Dopamine's rules). Static
@@ -709,44 +854,18 @@ class MultiGameReplay:
         n_step: int = 3,
         gamma: float = 0.99,
         memory_budget_gb: float = 32.0,  # ours: per process
-        reload_every: int = 50_000,  # ours: sample() calls between two sets of the same game
+        reload_every: int = RELOAD_EVERY,  # ours: sample() calls between two sets of the same game (0: auto)
+        windows_per_slot: int = WINDOWS_PER_SLOT,  # ours: batch_rl's FixedReplayBuffer mixes 5 checkpoints
+        total_samples: int | None = None,  # sample() calls the run will make (for reload_every=0)
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         verbose: bool = False,
     ):
-        import atari  # lazy: only the sampler needs the action sets
-
-        if rank is None or world_size is None:
-            rank, world_size = _dist_rank_world()
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size}); pass a matching pair.")
-        if not 0.0 < fraction <= 1.0:
-            raise ReplayDataError(f"fraction {fraction} must be in (0, 1].")
-        if n_step < 1 or not 0.0 <= gamma <= 1.0:
-            raise ReplayDataError(f"n_step {n_step} must be >= 1 and gamma {gamma} in [0, 1].")
-        if reload_every < 1 or memory_budget_gb <= 0:
-            raise ReplayDataError("reload_every must be >= 1 and memory_budget_gb > 0.")
-        if len(games) == 0 or len(set(games)) != len(games):
-            raise ReplayDataError(f"games {list(games)} must be a non-empty list without repeats.")
-        tune_malloc()  # batches reuse freed heap memory instead of fresh pages (see tune_malloc)
-        self.data_dir = Path(data_dir)
-        try:
-            self.games = [atari.check_game(g) for g in games]
-        except ValueError as e:
-            raise ReplayDataError(str(e)) from None
-        self.runs, self.checkpoints, self.fraction = tuple(int(r) for r in runs), checkpoints, fraction
-        self.n_step, self.gamma, self.seed = n_step, gamma, seed
-        self.rank, self.world_size, self.reload_every = rank, world_size, reload_every
-        self.budget_bytes = int(memory_budget_gb * 2**30)
-        self._action_map = [np.asarray(atari.legal_actions(g), np.int64) for g in self.games]
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._job: _Job | None = None
-        self._infos: dict[tuple[int, int, int], CheckpointInfo] = {}
-        self._excluded: set[tuple[int, int, int]] = set()
-        self._stats = {"reloads": 0, "reload_waits": 0, "reload_wait_s": 0.0, "excluded_checkpoints": 0}
-
+        self._configure(
+            data_dir, games, runs, checkpoints, fraction, n_step, gamma, memory_budget_gb, reload_every,
+            windows_per_slot, total_samples, seed, rank, world_size,
+        )  # fmt: skip
         self._pieces = self._plan_pieces()  # per game: this rank's units (checkpoints or windows)
         self._plan_memory()
         self._calls = 0
@@ -762,19 +881,97 @@ class MultiGameReplay:
         if verbose:
             print(self.plan_summary())
 
+    @classmethod
+    def dry_run(
+        cls,
+        games: Sequence[str],
+        *,
+        runs: Sequence[int] = (1,),
+        checkpoints: str | Sequence[int] = "suboptimal",
+        fraction: float = 1.0,
+        n_step: int = 3,
+        memory_budget_gb: float = 32.0,
+        reload_every: int = RELOAD_EVERY,
+        windows_per_slot: int = WINDOWS_PER_SLOT,
+        total_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> MultiGameReplay:
+        """The plan the sampler would make for DQN-Replay-sized data that need not exist (51 checkpoints
+        0..50 of 1M transitions per run; checkpoint 0 saved at add_count = 1M - 1, the others full): the same
+        slots, windows, sets and swap schedule, without reading a file or allocating the arena. For
+        plan_report() and plan_summary() only; it cannot sample."""
+        self = cls.__new__(cls)
+        self._configure(
+            "<dqn-replay>", games, runs, checkpoints, fraction, n_step, 0.99, memory_budget_gb, reload_every,
+            windows_per_slot, total_samples, seed, rank, world_size,
+        )  # fmt: skip
+        self._pieces = self._plan_pieces(dqn_replay_sizes=True)
+        self._plan_memory(allocate=False)
+        return self
+
+    def _configure(
+        self, data_dir, games, runs, checkpoints, fraction, n_step, gamma, memory_budget_gb, reload_every,
+        windows_per_slot, total_samples, seed, rank, world_size,
+    ) -> None:  # fmt: skip
+        """Argument checks and the attributes every sampler has (also a dry run)."""
+        import atari  # lazy: only the sampler needs the action sets
+
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size}); pass a matching pair.")
+        if not 0.0 < fraction <= 1.0:
+            raise ReplayDataError(f"fraction {fraction} must be in (0, 1].")
+        if n_step < 1 or not 0.0 <= gamma <= 1.0:
+            raise ReplayDataError(f"n_step {n_step} must be >= 1 and gamma {gamma} in [0, 1].")
+        if n_step > 255:
+            raise ReplayDataError(
+                f"n_step {n_step} is above 255, the largest next-state offset the sampler stores per row "
+                "(uint8); use n_step <= 255."
+            )
+        if reload_every < 0 or memory_budget_gb <= 0 or windows_per_slot < 1:
+            raise ReplayDataError(
+                "reload_every must be >= 0 (0: auto), windows_per_slot >= 1 and memory_budget_gb > 0."
+            )
+        if reload_every == 0 and not total_samples:
+            raise ReplayDataError("reload_every 0 (auto) needs total_samples, the run's sample() calls.")
+        if len(games) == 0 or len(set(games)) != len(games):
+            raise ReplayDataError(f"games {list(games)} must be a non-empty list without repeats.")
+        tune_malloc()  # batches reuse freed heap memory instead of fresh pages (see tune_malloc)
+        self.data_dir = Path(data_dir)
+        try:
+            self.games = [atari.check_game(g) for g in games]
+        except ValueError as e:
+            raise ReplayDataError(str(e)) from None
+        self.runs, self.checkpoints, self.fraction = tuple(int(r) for r in runs), checkpoints, fraction
+        self.n_step, self.gamma, self.seed = n_step, gamma, seed
+        self.rank, self.world_size, self.reload_every = rank, world_size, reload_every
+        self.windows_per_slot, self.total_samples = windows_per_slot, total_samples
+        self.budget_bytes = int(memory_budget_gb * 2**30)
+        self._action_map = [np.asarray(atari.legal_actions(g), np.int64) for g in self.games]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._job: _Job | None = None
+        self._infos: dict[tuple[int, int, int], CheckpointInfo] = {}
+        self._excluded: set[tuple[int, int, int]] = set()
+        self._packed: dict[tuple[int, frozenset], list[list[Piece]]] = {}  # _pack()'s sets, cached
+        self._stats = {"reloads": 0, "reload_waits": 0, "reload_wait_s": 0.0, "excluded_checkpoints": 0}
+
     # --- planning ---------------------------------------------------------------------------------------
 
-    def _plan_pieces(self) -> list[list[Piece]]:
+    def _plan_pieces(self, dqn_replay_sizes: bool = False) -> list[list[Piece]]:
         d = self.data_dir
         hint = DOWNLOAD_HINT.format(d=d)
-        if not d.is_dir():
+        if not dqn_replay_sizes and not d.is_dir():
             raise ReplayDataError(f"data dir {d} does not exist: {hint}.")
-        if not any(p.is_dir() for p in d.iterdir()):
+        if not dqn_replay_sizes and not any(p.is_dir() for p in d.iterdir()):
             raise ReplayDataError(f"data dir {d} is empty: {hint}.")
         pieces: list[list[Piece]] = []
         for g, game in enumerate(self.games):
             game_dir = d / game
-            if not game_dir.is_dir():
+            if not dqn_replay_sizes and not game_dir.is_dir():
                 have = sorted(p.name for p in d.iterdir() if p.is_dir())
                 raise ReplayDataError(
                     f"no data for game {game} in {d} (it has {', '.join(have)}): "
@@ -784,7 +981,9 @@ class MultiGameReplay:
             units: list[tuple[CheckpointInfo, int, int, int]] = []  # (info, run, lo, hi)
             for run in self.runs:
                 logs = game_dir / str(run) / "replay_logs"
-                found = _scan_suffixes(logs)
+                C = DQN_REPLAY_CAPACITY
+                sizes = {s: (C, C * (s + 1) - 1) for s in DQN_REPLAY_SUFFIXES}  # (capacity, add_count)
+                found = sizes if dqn_replay_sizes else _scan_suffixes(logs)
                 if not found:
                     have = sorted(p.name for p in game_dir.iterdir() if (p / "replay_logs").is_dir())
                     raise ReplayDataError(
@@ -792,7 +991,10 @@ class MultiGameReplay:
                         f"pass runs that exist, or {hint.replace('<Game>', game)}."
                     )
                 for suffix in select_suffixes(sorted(found), self.checkpoints, str(logs)):
-                    info = scan_checkpoint(logs, suffix)
+                    if dqn_replay_sizes:
+                        info = CheckpointInfo(str(logs), suffix, *sizes[suffix])
+                    else:
+                        info = scan_checkpoint(logs, suffix)
                     if info.capacity < STACK + self.n_step + 1:
                         raise ReplayDataError(
                             f"checkpoint {suffix} in {logs} holds {info.capacity} rows, too few for stacks of"
@@ -817,10 +1019,11 @@ class MultiGameReplay:
         vlo, vhi = _frame_range(self._infos[p.key()], p.lo, p.hi, self.n_step)
         return vhi - vlo
 
-    def _plan_memory(self) -> None:
+    def _plan_memory(self, allocate: bool = True) -> None:
         G = len(self.games)
         need = [sum(self._frames(p) for p in ps) for ps in self._pieces]
         self.static = sum(need) * _ROW_BYTES <= self.budget_bytes
+        self._mix = [1] * G  # windows per slot of each game (from distinct checkpoints)
         if self.static:
             sizes, self._slot_frames = need, max(need)
             self._sets = [[list(ps)] for ps in self._pieces]
@@ -831,25 +1034,39 @@ class MultiGameReplay:
                 min_gb = (G + 1) * (2 * STACK + 2 * self.n_step) * _ROW_BYTES / 2**30
                 raise ReplayDataError(f"memory_budget_gb is too small for {G} games; use >= {min_gb:.6f}.")
             self._slot_frames = slot
-            for g, ps in enumerate(self._pieces):  # windows of the checkpoints that do not fit a slot
+            for g, ps in enumerate(self._pieces):
+                # Mixing: a slot holds `mix` windows from as many different checkpoints (or runs), so that
+                # a batch draws from several of them, as batch_rl's FixedReplayBuffer mixes 5 checkpoints.
+                # Fewer when the game has fewer checkpoints or a window would get too short.
+                checkpoints = len({p.key() for p in ps})
+                mix = max(1, min(self.windows_per_slot, checkpoints, slot // (2 * (STACK + self.n_step))))
+                target = slot // mix  # frames per window
+                rows = target - (STACK - 1) - self.n_step
                 split = []
-                for p in ps:
-                    if self._frames(p) <= slot:
+                for p in ps:  # windows of the checkpoints that do not fit 1/mix of a slot
+                    if self._frames(p) <= target:
                         split.append(p)
                     else:
-                        parts = math.ceil((p.hi - p.lo) / window)
+                        parts = math.ceil((p.hi - p.lo) / rows)
                         split += [dataclasses.replace(p, lo=a, hi=b) for a, b in _split(p.lo, p.hi, parts)]
-                self._pieces[g] = split
+                self._pieces[g], self._mix[g] = split, mix
             self._sets = [self._pack(g, set()) for g in range(G)]
             sizes = [min(need[g], slot) if len(self._sets[g]) == 1 else slot for g in range(G)]
         self._rotating = [g for g in range(G) if len(self._sets[g]) > 1]
         if self._rotating:
             sizes = sizes + [self._slot_frames]  # the spare slot
+            if self.reload_every == 0:  # auto: every set of every game at least once within the run
+                most = max(len(self._sets[g]) for g in self._rotating)
+                self.reload_every = max(1, min(RELOAD_EVERY, self.total_samples // (most + 1)))
             self._interval = max(1, self.reload_every // len(self._rotating))
+        elif self.reload_every == 0:
+            self.reload_every = RELOAD_EVERY  # nothing rotates
         self._slot_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         total = int(self._slot_start[-1])
         self._game_slot = list(range(G))
         self._spare = G if self._rotating else None
+        if not allocate:  # a dry run
+            return
         self._frames_arena = np.empty((total, *FRAME_SHAPE), np.uint8)  # [F, 84, 84], touched when loaded
         # A read-only view with one 4-frame stack per row: _stacks[j] = frames j..j+3 (the state of
         # transition j + 3). Indexing it copies each stack as one 28 KB block instead of four frames
@@ -870,19 +1087,37 @@ class MultiGameReplay:
         self._slot_valid = np.zeros(len(sizes), np.int64)
 
     def _pack(self, g: int, excluded: set[tuple[int, int, int]]) -> list[list[Piece]]:
-        """Group game g's pieces (minus excluded checkpoints) into sets that fit one slot, in a seeded
-        shuffled order."""
+        """Group game g's pieces (minus excluded checkpoints) into sets that fit one slot, each piece in
+        exactly one set (so a pass over the sets covers all of the game's selected data).
+
+        A set takes at most one piece of each checkpoint, from the checkpoints with the most pieces left
+        first (seeded ties), until the slot is full: a slot then holds windows of `mix` different
+        checkpoints, and the checkpoints run out together, so the last sets mix as well as the first.
+        """
+        key = (g, frozenset(excluded))
+        if key in self._packed:
+            return self._packed[key]
         ps = [p for p in self._pieces[g] if p.key() not in excluded]
-        order = np.random.default_rng([self.seed, g]).permutation(len(ps))
+        left: dict[tuple[int, int, int], list[Piece]] = {}
+        for i in np.random.default_rng([self.seed, g]).permutation(len(ps)):
+            left.setdefault(ps[i].key(), []).append(ps[i])  # seeded order of checkpoints and of pieces
+        tie = {k: r for r, k in enumerate(left)}
+        smallest = min((self._frames(p) for p in ps), default=0)
         sets: list[list[Piece]] = []
-        size = 0
-        for i in order:
-            f = self._frames(ps[i])
-            if not sets or size + f > self._slot_frames:
-                sets.append([])
-                size = 0
-            sets[-1].append(ps[i])
-            size += f
+        while left:
+            chosen, size = [], 0
+            for k in sorted(left, key=lambda k: (-len(left[k]), tie[k])):
+                f = self._frames(left[k][-1])
+                if size + f <= self._slot_frames:
+                    chosen.append(left[k].pop())
+                    size += f
+                    if not left[k]:
+                        del left[k]
+                    if size + smallest > self._slot_frames:
+                        break
+            sets.append(chosen)
+        if len(self._packed) < 4 * len(self.games):
+            self._packed[key] = sets
         return sets
 
     def _set_for(self, g: int, phase: int) -> list[Piece]:
@@ -912,10 +1147,20 @@ class MultiGameReplay:
             with _GzipNpy(_path(d, STORE_PREFIX + name, s), self._stop) as f:
                 _expect(f, name, C)
                 small[name] = f.read_all()
-        if small["action"].min() < 0 or small["action"].max() >= len(self._action_map[p.game]):
+        if info.add_count < C:  # rows never written (Dopamine stores with np.empty: any value) read as zeros
+            for name in ("action", "reward", "terminal"):
+                small[name][info.add_count :] = 0
+        mask = valid_mask(small["terminal"], info.add_count, self.n_step, **info.rules(self.n_step))  # [C]
+        i = np.arange(p.lo, p.hi)
+        ok = mask[i]
+        # Per-row checks look only at rows Dopamine's rules can touch: the action of a valid index.
+        legal = len(self._action_map[p.game])
+        bad = np.flatnonzero(mask & ((small["action"] < 0) | (small["action"] >= legal)))
+        if len(bad):
             raise ReplayDataError(
                 f"{_path(d, STORE_PREFIX + 'action', s)} holds actions outside {self.games[p.game]}'s "
-                f"{len(self._action_map[p.game])} legal actions: is this another game's data?"
+                f"{legal} legal actions ({int(small['action'][bad[0]])} at index {int(bad[0])}): is this "
+                "another game's data?"
             )
         frames = self._frames_arena[at : at + vhi - vlo]  # [vhi - vlo, 84, 84]
         a, b = max(vlo, 0), min(vhi, C)  # rows read from the file
@@ -930,15 +1175,16 @@ class MultiGameReplay:
             frames[C - vlo :] = frames[-vlo : -vlo + vhi - C]
         phys = np.arange(vlo, vhi) % C
         rows = slice(at, at + vhi - vlo)
-        self._action[rows] = self._action_map[p.game][small["action"][phys]]
+        act = small["action"][phys]
+        # rows no rule reads (never valid) may hold any action; they map to NOOP instead of raising
+        act = np.where((act >= 0) & (act < legal), act, 0)
+        self._action[rows] = self._action_map[p.game][act]
         # Rows whose n-step window runs past vhi are not valid (below), so their clipped values go unused.
         ret, length, discount = n_step_targets(
             small["reward"][phys], small["terminal"][phys], np.arange(vhi - vlo), self.n_step, self.gamma,
             mode="clip",
         )  # fmt: skip
         self._return[rows], self._discount[rows], self._next[rows] = ret, discount, length
-        i = np.arange(p.lo, p.hi)
-        ok = valid_mask(small["terminal"], info.add_count, self.n_step)[i]
         ok &= (i - (STACK - 1) >= vlo) & (i + self.n_step < vhi)  # stack and n-step window are loaded
         return vhi - vlo, at + (i[ok] - vlo)
 
@@ -1070,6 +1316,7 @@ class MultiGameReplay:
             "rng": self._rng.bit_generator.state,
             "phase": list(self._phase),
             "next_event": self._next_event,
+            "reload_every": self.reload_every,  # resolved (auto depends on total_samples)
             "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
             "excluded": excluded,
         }
@@ -1098,6 +1345,9 @@ class MultiGameReplay:
         self._layouts.clear()
         self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
         self._next_event = int(state["next_event"])
+        if "reload_every" in state and self._rotating:  # keep the swap schedule the run started with
+            self.reload_every = int(state["reload_every"])  # (an auto period changes with --total-steps)
+            self._interval = max(1, self.reload_every // len(self._rotating))
         self._rng.bit_generator.state = state["rng"]
         self._submit_next()
 
@@ -1130,10 +1380,92 @@ class MultiGameReplay:
             lines.append(
                 f"  streaming: {len(self._rotating)} games rotate; every {self._interval:,} samples one game "
                 f"swaps in its next set (each game every ~{self._interval * len(self._rotating):,}), "
-                "loaded ahead by a background thread into one spare slot"
+                f"loaded ahead by a background thread into one spare slot; up to {max(self._mix)} windows of "
+                "different checkpoints per slot"
             )
         else:
             lines.append("  static: all selected data is resident, no reloads")
+        return "\n".join(lines)
+
+    def _phases(self, total_samples: int) -> list[int]:
+        """Per game: how many swaps it makes in total_samples sample() calls (phases 0..that are used)."""
+        if not self._rotating:
+            return [0] * len(self.games)
+        R, events = len(self._rotating), (total_samples - 1) // self._interval  # swaps at calls k * interval
+        out = [0] * len(self.games)
+        for r, g in enumerate(self._rotating):  # the k-th swap goes to rotating game (k - 1) % R
+            out[g] = (events - (r + 1)) // R + 1 if events >= r + 1 else 0
+        return out
+
+    def plan_report(self, batch_size: int, total_samples: int) -> str:
+        """What the streaming does over a run of total_samples sample() calls of batch_size (this rank's):
+        slots, windows per slot, reload period, the fraction of the selected data that is ever loaded,
+        distinct checkpoints per batch (expected, uniform draws within each game's slot) and the gzip work
+        per swap. Works on a dry_run() sampler: python cql_multigame.py paper-suboptimal --plan-only."""
+        G = len(self.games)
+        per_game = batch_size / G  # samples of each game per batch (on average)
+        rows = lambda ps: sum(p.hi - p.lo for p in ps)  # noqa: E731
+        total_rows = [rows(ps) for ps in self._pieces]
+        ckpts = [len({p.key() for p in ps}) for ps in self._pieces]
+        phases = self._phases(total_samples)
+        seen_frac, distinct, gz = [], [], []
+        for g in range(G):
+            seen: set[Piece] = set()
+            d_sum = 0.0
+            for ph in range(phases[g] + 1):
+                pieces = self._set_for(g, ph)
+                seen.update(pieces)
+                weight: dict[tuple[int, int, int], int] = {}
+                for p in pieces:
+                    weight[p.key()] = weight.get(p.key(), 0) + p.hi - p.lo
+                n = sum(weight.values())
+                d_sum += sum(1 - (1 - w / n) ** per_game for w in weight.values())
+            seen_frac.append(rows(seen) / total_rows[g])
+            distinct.append(d_sum / (phases[g] + 1))
+            for pieces in self._sets[g] if g in self._rotating else []:
+                # gzip inflates each observation file up to the window's end, and the whole small files
+                work = 0
+                for p in pieces:
+                    info = self._infos[p.key()]
+                    end = min(_frame_range(info, p.lo, p.hi, self.n_step)[1], info.capacity)
+                    work += end * FRAME_BYTES + 9 * info.capacity
+                gz.append(work)
+        slot_gib = self._slot_frames * _ROW_BYTES / 2**30
+        mix = sorted(set(self._mix))
+
+        def span(xs: list[int]) -> str:
+            return f"{min(xs):,}" if min(xs) == max(xs) else f"{min(xs):,}-{max(xs):,}"
+
+        lines = [
+            f"plan: {G} games x runs {list(self.runs)} x checkpoints {self.checkpoints!r}, fraction "
+            f"{self.fraction}, n_step {self.n_step}; rank {self.rank} of {self.world_size}, "
+            f"{self.budget_bytes / 2**30:g} GiB, {total_samples:,} steps of {batch_size} samples",
+            f"  data: {span(ckpts)} checkpoints, {span(total_rows)} transitions per game "
+            f"({sum(total_rows):,} in all)",
+        ]
+        if not self._rotating:
+            lines.append(f"  slots: {G}, all data resident (static), no reloads")
+        else:
+            sets = [len(self._sets[g]) for g in self._rotating]
+            swap_s = np.mean(gz) / INFLATE_BYTES_PER_S
+            lines += [
+                f"  slots: {G + 1} of {self._slot_frames:,} frames ({slot_gib:.2f} GiB): one per game, one "
+                "spare for the background loader",
+                f"  windows per slot: {'/'.join(map(str, mix))}, each from a different checkpoint, up to "
+                f"{self._slot_frames // max(mix):,} frames; {span(sets)} sets per game",
+                f"  reload period: each game swaps every {self._interval * len(self._rotating):,} steps "
+                f"(one swap every {self._interval:,} steps), {span([phases[g] for g in self._rotating])} "
+                "swaps per game over the run",
+                f"  gzip work per swap: {np.mean(gz) / 1e9:.1f} GB inflated (observation files up to each "
+                f"window's end + the small files), ~{swap_s:.0f} s at {INFLATE_BYTES_PER_S / 1e9:.2f} GB/s: "
+                f"the loader keeps up below ~{self._interval / swap_s:.0f} steps/s",
+            ]
+        lines += [
+            f"  data seen over the run: {100 * np.mean(seen_frac):.1f}% of the selected transitions on "
+            f"average, {100 * min(seen_frac):.1f}% for the least-covered game",
+            f"  distinct checkpoints per batch: {sum(distinct):.0f} ({np.mean(distinct):.2f} per game's "
+            f"{per_game:.1f} samples, expected)",
+        ]
         return "\n".join(lines)
 
     def _cancel_job(self) -> None:

@@ -89,6 +89,66 @@ def test_iqm_confidence_interval_matches_slow_stratified_bootstrap():
     assert abs(lo - ref_lo) < 0.1 * width and abs(hi - ref_hi) < 0.1 * width
 
 
+# rliable's own numbers. aggregate_iqm: its metrics_test asserts 1.5 and 2 for these two matrices. The CIs
+# were computed by hand on rliable's code path (rliable/library.py, github.com/google-research/rliable):
+# get_interval_estimates({"x": X}, lambda x: np.array([aggregate_iqm(x)]), reps=50000) after
+# np.random.seed(0), i.e. 50,000 StratifiedBootstrap replicates (np.random.choice(num_runs, X.shape) rows per
+# task, global RNG), scipy.stats.trim_mean(x, 0.25, axis=None) on each, and arch's "percentile" interval
+# np.percentile(results, [2.5, 97.5]). rliable is not a dependency: the values are hard-coded.
+RLIABLE_A = np.arange(80, dtype=float).reshape(5, 16)  # rliable's library_test matrix [runs, tasks]
+RLIABLE_B = np.array(
+    [  # [3 runs (seeds), 8 games] of per-game mean human-normalized scores
+        [0.12, 1.35, 0.48, 2.70, -0.05, 0.91, 0.33, 4.10],
+        [0.20, 1.10, 0.61, 1.95, 0.02, 1.20, 0.25, 3.40],
+        [0.08, 1.52, 0.44, 2.35, -0.11, 0.77, 0.41, 5.05],
+    ]
+)
+RLIABLE_REFERENCE = {  # matrix: (aggregate_iqm, CI low, CI high)
+    "A": (39.5, 32.55, 46.5),
+    "B": (0.7808333333333334, 0.7066666666666666, 0.8574999999999999),
+}
+
+
+def test_iqm_and_interval_match_rliable():
+    assert atari.iqm(np.array([[1, 2], [2, 2], [1, 1], [2, 1]])) == 1.5  # rliable metrics_test
+    assert atari.iqm(np.array([[1, 1], [2, 2], [3, 3]])) == 2.0
+    for name, x, tol in [("A", RLIABLE_A, 0.25), ("B", RLIABLE_B, 0.005)]:
+        point, ref_lo, ref_hi = RLIABLE_REFERENCE[name]
+        assert atari.iqm(x) == pytest.approx(point, abs=1e-12)
+        lo, hi = atari.iqm_confidence_interval(x, reps=50_000, seed=0)
+        # another random stream than rliable's global np.random: equal up to Monte Carlo error (width/50)
+        assert abs(lo - ref_lo) < tol and abs(hi - ref_hi) < tol, (name, lo, hi)
+
+
+def _episode_noise_reference(columns, reps, alpha, seed):
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(reps):
+        means = [np.mean(c[rng.integers(len(c), size=len(c))]) for c in columns]
+        stats.append(_iqm_reference(means))
+    return np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+
+
+def test_episode_noise_interval_resamples_episodes_within_games_then_takes_the_iqm_of_means():
+    rng = np.random.default_rng(2)
+    sizes = [8] * 8 + [5]  # episodes per game may differ
+    columns = [rng.normal(mu, 0.3, size=k) for mu, k in zip(np.linspace(-0.5, 3, 9), sizes, strict=True)]
+    lo, hi = atari.iqm_episode_noise_interval(columns, reps=4000, seed=0)
+    ref_lo, ref_hi = _episode_noise_reference(columns, reps=4000, alpha=0.05, seed=7)
+    means = [c.mean() for c in columns]
+    assert lo < atari.iqm(means) < hi
+    assert abs(lo - ref_lo) < 0.1 * (ref_hi - ref_lo) and abs(hi - ref_hi) < 0.1 * (ref_hi - ref_lo)
+    # identical episodes: no episode noise, a point at the IQM of the per-game means
+    same = np.tile(np.linspace(0, 2, 6), (4, 1))  # [episodes, games]
+    assert atari.iqm_episode_noise_interval(same, reps=200) == pytest.approx((atari.iqm(same[0]),) * 2)
+    # the IQM of per-game means differs from the IQM over all episodes (what was reported before)
+    skew = np.array([[0.0, 0.0, 10.0], [0.0, 0.0, 10.0], [0.0, 9.0, 10.0], [3.0, 9.0, 10.0]])  # [episodes, 3]
+    assert atari.iqm(skew.mean(axis=0)) == pytest.approx((0.75 + 4.5 + 10.0) / 3)
+    assert atari.iqm(skew) != pytest.approx(atari.iqm(skew.mean(axis=0)))
+    with pytest.raises(ValueError, match="at least one episode per game"):
+        atari.iqm_episode_noise_interval([[1.0], []])
+
+
 def test_iqm_confidence_interval_is_stratified():
     # Runs agree within every task: resampling runs inside tasks changes nothing, so the CI is a point.
     per_task = np.linspace(0.0, 2.0, 10)

@@ -174,3 +174,35 @@ def test_target_argmax_runs_over_legal_actions_only():
         torch.softmax(t_logits[:, 5], -1), batch["reward"], batch["discount"], support
     )
     assert not torch.allclose(wrong[0], expected_target[0])
+
+
+@pytest.mark.parametrize("double_q", [False, True])
+def test_double_q_picks_the_next_action_by_the_online_network(double_q):
+    b, a = 2, 18
+    support = SUPPORT.float()
+    legal_table = torch.zeros(1, a, dtype=torch.bool)
+    legal_table[0, [0, 3, 4, 7]] = True
+    t_logits = torch.zeros(b, a, K)  # target net: legal action 3 has the highest Q, 7 an illegal-free low one
+    t_logits[:, 3, 40] = 30.0
+    t_logits[:, 4, 25] = 30.0
+    o_logits = torch.zeros(b, a, K)  # online net: legal action 4 has the highest Q, illegal 9 higher still
+    o_logits[:, 4, 45] = 30.0
+    o_logits[:, 9, -1] = 40.0
+    batch = {
+        "obs": torch.zeros(b, 4, 84, 84, dtype=torch.uint8),
+        "next_obs": torch.zeros(b, 4, 84, 84, dtype=torch.uint8),
+        "action": torch.tensor([0, 3]),
+        "game": torch.zeros(b, dtype=torch.int64),
+        "reward": torch.tensor([0.5, -0.5]),
+        "discount": torch.tensor([0.97, 0.97]),
+    }
+    online = FixedNet(o_logits)
+    _, m = compute_loss(
+        online, FixedNet(t_logits), batch, support, legal_table, cql_alpha=0.0, double_q=double_q
+    )
+    chosen = 4 if double_q else 3  # double DQN: online argmax (legal only), evaluated by the target net
+    target = categorical_projection(
+        torch.softmax(t_logits[:, chosen], -1), batch["reward"], batch["discount"], support
+    )
+    log_probs = torch.log_softmax(o_logits, -1)[torch.arange(b), batch["action"]]
+    assert float(m["td_loss"]) == pytest.approx(float(-(target * log_probs).sum(-1).mean()), rel=1e-5)

@@ -68,7 +68,10 @@ def test_presets_parse():
         3,
     )
     assert paper.total_steps == 10_000_000 and len(paper.games) == 40 and paper.checkpoints == "suboptimal"
-    assert cli(["paper-nearoptimal"]).checkpoints == "nearoptimal"
+    assert paper.runs == (1,)  # the paper's 10M per game: the first 20% of ONE run (400M over 40 games)
+    near = cli(["paper-nearoptimal"])
+    assert near.checkpoints == "nearoptimal" and near.runs == (1,)
+    assert not paper.double_q and paper.reload_every == 0 and paper.windows_per_slot == 5
     bc = cli(["bc"])
     assert bc.td_weight == 0.0 and bc.cql_alpha == 1.0
 
@@ -157,6 +160,8 @@ def test_resume_gives_the_same_batches_and_losses(data_dir, tmp_path, prefetch):
     main(tiny_args(data_dir, tmp_path, run_name="cut", prefetch=prefetch, resume=True))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(b) == list(range(1, 9))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # one line per step
     for step in range(5, 9):  # after the resume: identical losses, so identical batches and parameters
         for key in ("loss", "td_loss", "cql_term", "q_data"):
             assert a[step][key] == b[step][key], (step, key)
@@ -256,3 +261,41 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_p
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_resume_after_a_kill_drops_lines_past_the_checkpoint(data_dir, tmp_path):
+    """A kill after step 6 leaves metrics.jsonl lines and TensorBoard events for steps 5-6 that the
+    checkpoint (step 4) does not cover; the resumed run writes them again, once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(tiny_args(data_dir, tmp_path, run_name="killed", total_steps=6, save_every=4, prefetch=0))
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    ckpt["step"] = 4  # as if the process died between the save at step 4 and the one at step 6
+    torch.save(ckpt, tmp_path / "killed" / "checkpoint.pt")
+    torch.save(ckpt, tmp_path / "killed" / "step4.pt")
+    main(tiny_args(data_dir, tmp_path, run_name="killed", prefetch=0, resume=True))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    events = EventAccumulator(str(tmp_path / "killed")).Reload()
+    assert [e.step for e in events.Scalars("losses/total_loss")] == list(range(1, 9))
+
+
+def test_a_save_that_skips_non_finite_weights_warns(capsys):
+    net = torch.nn.Linear(3, 2)
+    assert cql_multigame.all_finite(net, 7) and capsys.readouterr().err == ""
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    assert not cql_multigame.all_finite(net, 7)
+    assert "non-finite weights at step 7: checkpoint not saved" in capsys.readouterr().err
+
+
+def test_plan_only_needs_no_data_and_prints_the_streaming_plan(tmp_path):
+    flags = ["--plan-only", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path / "runs")]
+    r = run_script("cql_multigame.py", "paper-suboptimal", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "10 checkpoints, 9,999,999 transitions per game (399,999,960 in all)" in out
+    for key in ("slots: 41", "windows per slot: 5", "reload period:", "data seen over the run: 100.0%",
+                "distinct checkpoints per batch:"):  # fmt: skip
+        assert key in out, key
+    assert not (tmp_path / "none").exists() and not (tmp_path / "runs").exists()

@@ -146,6 +146,23 @@ def test_freeze_trunk_trains_only_the_head(setup, tmp_path):
     assert not torch.equal(end["heads.bias"], start["heads.bias"])
 
 
+def test_compare_with_freeze_trunk_freezes_the_baseline_too(setup, tmp_path):
+    args = args_for(setup, tmp_path, freeze_trunk=True, compare=True, run_name="cmpfrozen")
+    finetune_offline.main(args)
+    for variant in ("finetune", "scratch"):
+        path = tmp_path / "cmpfrozen" / variant / "checkpoint.pt"
+        ckpt = torch.load(path, weights_only=True)
+        torch.manual_seed(args.seed)  # the init main gave this run
+        run_args = args if variant == "finetune" else finetune_offline.dataclasses.replace(
+            args, from_scratch=True, fine_tune_existing_head=False
+        )  # fmt: skip
+        assert run_args.freeze_trunk
+        start = finetune_offline.build_network(run_args, setup["state"], HELDOUT).state_dict()
+        for k, v in shared_params(start).items():  # frozen in both runs
+            assert torch.equal(ckpt["model"][k], v), (variant, k)
+        assert not torch.equal(ckpt["model"]["heads.weight"], start["heads.weight"])
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 

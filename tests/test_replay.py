@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ class RefBuffer:
         self.reward = np.zeros(capacity, np.float32)
         self.terminal = np.zeros(capacity, np.uint8)
         self.add_count = 0
+        self.episode_end_indices = set()  # newer Dopamine: episode ends, with or without a terminal
+        self.next_is_start = True
+        self.file_horizon = None  # update horizon of the invalid_range Dopamine's load() read from a file
 
     def cursor(self):
         return self.add_count % self.C
@@ -42,10 +46,17 @@ class RefBuffer:
         self.obs[c], self.action[c], self.reward[c], self.terminal[c] = o, a, r, t
         self.add_count += 1
 
-    def add(self, o, a, r, t):
-        if self.add_count == 0 or self.terminal[self.cursor() - 1] == 1:
+    def add(self, o, a, r, t, episode_end=False):
+        if self.next_is_start:
             for _ in range(self.K - 1):
+                self.episode_end_indices.discard(self.cursor())
                 self._add(np.zeros((84, 84), np.uint8), 0, 0.0, 0)
+            self.next_is_start = False
+        if episode_end or t:
+            self.episode_end_indices.add(self.cursor())
+            self.next_is_start = True
+        else:
+            self.episode_end_indices.discard(self.cursor())
         self._add(o, a, r, t)
 
     def invalid_range(self, n):
@@ -59,10 +70,19 @@ class RefBuffer:
                 return False
             if index < self.K - 1:
                 return False
-        if index in set(self.invalid_range(n)):
+        invalid = set(self.invalid_range(n))
+        if self.file_horizon is not None:  # what load() read; the reader also keeps its own n's range
+            invalid |= set(self.invalid_range(self.file_horizon))
+        if index in invalid:
             return False
         stack = [self.terminal[(index - self.K + 1 + j) % self.C] for j in range(self.K)]
-        return not any(stack[:-1])
+        if any(stack[:-1]):
+            return False
+        for j in range(n):  # an episode end without a terminal inside the n-step window
+            i = (index + j) % self.C
+            if i in self.episode_end_indices and not self.terminal[i]:
+                return False
+        return True
 
     def transition(self, index, n, gamma):
         traj = [(index + j) % self.C for j in range(n)]
@@ -215,6 +235,189 @@ def test_reads_files_of_a_plain_gzip_npsave_writer(tmp_path):
         data = replay.read_checkpoint(tmp_path, s * 5)
         assert np.array_equal(data["observation"], b.obs) and np.array_equal(data["reward"], b.reward)
         assert int(data["add_count"]) == b.add_count
+
+
+def dopamine_save(directory, suffix, buf, invalid_horizon=1, episode_ends="pickle", garbage_seed=0):
+    """Files as Dopamine's OutOfGraphReplayBuffer.save() writes them: storage made with np.empty (rows never
+    written hold whatever was in memory; here: seeded garbage, out-of-range actions and NaN rewards
+    included), add_count as the 0-d array np.array(n), invalid_range for the writer's update horizon, and the
+    7th file episode_end_indices: pickle.dump of the Python set of np.int64 cursors (Dopamine's own
+    format), or an np.save'd int64 array ("npy"), or none (None)."""
+    import pickle
+
+    rng = np.random.default_rng(garbage_seed)
+    store = {
+        "observation": rng.integers(0, 256, buf.obs.shape, dtype=np.uint8),
+        "action": rng.integers(-(2**31), 2**31 - 1, buf.C, dtype=np.int64).astype(np.int32),
+        "reward": rng.standard_normal(buf.C).astype(np.float32) * 1e30,
+        "terminal": rng.integers(0, 256, buf.C, dtype=np.uint8),
+    }
+    store["reward"][::3] = np.nan
+    written = np.arange(min(buf.add_count, buf.C))  # the rows add() ever reached
+    for name, ref in [("observation", buf.obs), ("action", buf.action), ("reward", buf.reward),
+                      ("terminal", buf.terminal)]:  # fmt: skip
+        store[name][written] = ref[written]
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {f"$store$_{k}": v for k, v in store.items()}
+    files["add_count"] = np.array(buf.add_count)  # 0-d, as Dopamine keeps it
+    files["invalid_range"] = np.array(buf.invalid_range(invalid_horizon))
+    for name, arr in files.items():
+        with gzip.open(directory / f"{name}_ckpt.{suffix}.gz", "wb") as g:
+            np.save(g, arr, allow_pickle=False)
+    if episode_ends is not None:
+        with (
+            open(directory / f"episode_end_indices_ckpt.{suffix}.gz", "wb") as f,
+            gzip.GzipFile(fileobj=f, mode="wb") as g,
+        ):
+            if episode_ends == "pickle":
+                pickle.dump({np.int64(i) for i in buf.episode_end_indices}, g)
+            else:
+                np.save(g, np.array(sorted(buf.episode_end_indices), np.int64), allow_pickle=False)
+    return store
+
+
+def load_npy_gz(path):
+    with gzip.open(path) as f:
+        return np.load(f, allow_pickle=False)
+
+
+def test_add_count_is_written_0d_as_dopamine_writes_it_and_both_shapes_read(tmp_path):
+    buf = build("wrapped_cursor_mid")
+    replay.write_checkpoint(tmp_path / "a", 0, buf.obs, buf.action, buf.reward, buf.terminal, buf.add_count)
+    add = load_npy_gz(tmp_path / "a" / "add_count_ckpt.0.gz")
+    assert add.shape == () and add.dtype == np.int64 and int(add) == buf.add_count
+    fb = replay.FrameBuffer(buf.C, n_step=1)  # the recorder's path
+    fb.add(frame_with_id(1), 0, 0.0, False)
+    fb.save(tmp_path / "b", 3)
+    assert load_npy_gz(tmp_path / "b" / "add_count_ckpt.3.gz").shape == ()
+    # Dopamine's sample_index_batch + is_valid_transition on what its load() reads, transcribed: with a 0-d
+    # add_count the index is a scalar; with the shape (1,) array this repo used to write it is an array and
+    # `index in set(self.invalid_range)` raises "unhashable type: 'numpy.ndarray'"
+    def dopamine_index(add_count, invalid_range):
+        min_id = add_count % buf.C - buf.C + 4 - 1  # is_full(): cursor - capacity + stack_size - 1
+        index = np.random.randint(min_id, add_count % buf.C - 1) % buf.C
+        return index in set(invalid_range)
+
+    inv = load_npy_gz(tmp_path / "a" / "invalid_range_ckpt.0.gz")
+    dopamine_index(add, inv)  # works
+    with pytest.raises(TypeError, match="unhashable"):
+        dopamine_index(add.reshape(1), inv)
+    # and the reader still takes the shape (1,) files that earlier versions of this repo wrote
+    plain_write(tmp_path / "c", 0, buf, add_count=np.array([buf.add_count], np.int64))
+    assert int(replay.read_checkpoint(tmp_path / "c", 0)["add_count"]) == buf.add_count
+    assert replay.read_checkpoint(tmp_path / "a", 0)["add_count"].shape == ()
+
+
+def test_never_filled_checkpoint_with_np_empty_garbage_loads_and_samples_like_dopamine(tmp_path):
+    # batch_rl saves checkpoint 0 at add_count = capacity - 1: one row was never written
+    buf = RefBuffer(60)
+    rng, ids = np.random.default_rng(4), Ids()
+    while buf.add_count < buf.C - 1:
+        buf.add(frame_with_id(ids()), int(rng.integers(6)), float(rng.choice([-1, 0, 1])), rng.random() < 0.2)
+    if buf.add_count != buf.C - 1:
+        pytest.skip("padding overshot")  # not with this seed
+    d = tmp_path / "Pong" / "1" / "replay_logs"
+    store = dopamine_save(d, 0, buf, episode_ends=None)
+    assert not 0 <= store["action"][buf.C - 1] < 6  # the unwritten row holds an impossible action
+    where = {int(frame_id(buf.obs[i])): i for i in range(buf.C) if frame_id(buf.obs[i])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN/overflow warnings from garbage rows either
+        r = replay.MultiGameReplay(d.parents[2], ["Pong"], runs=(1,), checkpoints="nearoptimal")
+        batch = r.sample(2000)
+    legal = atari.legal_actions("Pong")
+    seen = set()
+    for row, i in enumerate(frame_id(batch.obs[:, -1])):
+        index = where[int(i)]
+        ref = buf.transition(index, 3, 0.99)
+        assert buf.is_valid(index, 3) and batch.action[row] == legal[ref["action"]]
+        assert batch.reward[row] == pytest.approx(ref["reward"], abs=1e-6)
+        assert np.array_equal(batch.next_obs[row], ref["next_obs"])
+        seen.add(index)
+    assert seen == set(buf.valid(3))
+    # a real out-of-range action in a row the rules read is still refused
+    store_bad = store["action"].copy()
+    store_bad[buf.valid(3)[0]] = 9
+    with open(d / "$store$_action_ckpt.0.gz", "wb") as f, gzip.GzipFile(fileobj=f, mode="wb") as g:
+        np.save(g, store_bad, allow_pickle=False)
+    bad = f"outside Pong's 6 legal actions \\(9 at index {buf.valid(3)[0]}"
+    with pytest.raises(replay.ReplayDataError, match=bad):
+        replay.MultiGameReplay(d.parents[2], ["Pong"], runs=(1,), checkpoints="nearoptimal")
+
+
+def sampled_indices(obs, buf, n):
+    """Indices of buf that the sampled states obs [B, 4, 84, 84] are, by the ids of all 4 frames (after a
+    time-out Dopamine also samples stacks whose newest frame is padding)."""
+    stack = lambda i: tuple(frame_id(buf.obs[[(i - 3 + j) % buf.C for j in range(4)]]).tolist())
+    key = {stack(i): i for i in buf.valid(n)}
+    assert len(key) == len(buf.valid(n))
+    return {key[tuple(ids)] for ids in frame_id(obs).tolist()}
+
+
+def timeout_buffer(capacity=70, steps=160, seed=2):
+    """Episodes that end by a time-out (episode_end without a terminal) as well as by terminals."""
+    buf, rng, ids = RefBuffer(capacity), np.random.default_rng(seed), Ids()
+    left = 3
+    for _ in range(steps):
+        left -= 1
+        end = left == 0
+        terminal = end and rng.random() < 0.5
+        buf.add(frame_with_id(ids()), int(rng.integers(6)), float(rng.choice([-1, 0, 1])), terminal, end)
+        if end:
+            left = int(rng.integers(2, 6))
+    return buf
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_episode_end_indices_are_honoured_like_dopamine(tmp_path, n):
+    buf = timeout_buffer()
+    timeouts = [i for i in buf.episode_end_indices if not buf.terminal[i]]
+    assert timeouts  # the case this file exists for
+    ends = np.array(sorted(buf.episode_end_indices))
+    mask = replay.valid_mask(buf.terminal, buf.add_count, n, episode_ends=ends)
+    assert np.flatnonzero(mask).tolist() == buf.valid(n)
+    without = replay.valid_mask(buf.terminal, buf.add_count, n)
+    assert (without & ~mask).any()  # the time-outs make some indices invalid
+
+    root = tmp_path / "npy"
+    dopamine_save(root / "Pong" / "1" / "replay_logs", 0, buf, episode_ends="npy")
+    data = replay.read_checkpoint(root / "Pong" / "1" / "replay_logs", 0)
+    assert data["episode_end_indices"].tolist() == ends.tolist()
+    fb = replay.FrameBuffer.from_checkpoint(root / "Pong" / "1" / "replay_logs", 0, n_step=n)
+    assert fb.valid_indices().tolist() == buf.valid(n)
+    r = replay.MultiGameReplay(root, ["Pong"], runs=(1,), checkpoints="nearoptimal", n_step=n)
+    assert sampled_indices(r.sample(3000).obs, buf, n) == set(buf.valid(n))
+
+
+def test_pickled_episode_end_indices_are_skipped_with_a_warning_never_unpickled(tmp_path, monkeypatch):
+    import pickle
+
+    buf = timeout_buffer(seed=5)
+    d = tmp_path / "Pong" / "1" / "replay_logs"
+    dopamine_save(d, 0, buf, episode_ends="pickle")  # what Dopamine's save() really writes
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.warns(UserWarning, match="is a pickle .* never unpickles, so checkpoint 0's episode ends"):
+        r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal")
+    assert replay.list_checkpoints(d) == [0]
+    buf.episode_end_indices = {i for i in buf.episode_end_indices if buf.terminal[i]}  # as without the file
+    assert sampled_indices(r.sample(3000).obs, buf, 3) == set(buf.valid(3))
+
+
+@pytest.mark.parametrize("writer_horizon", [1, 5])
+def test_invalid_range_of_a_wider_writer_horizon_is_kept(tmp_path, writer_horizon):
+    buf = build("wrapped_cursor_mid")
+    d = tmp_path / "Pong" / "1" / "replay_logs"
+    dopamine_save(d, 0, buf, invalid_horizon=writer_horizon, episode_ends=None)
+    info = replay.scan_checkpoint(d, 0)
+    assert info.horizon == writer_horizon
+    buf.file_horizon = writer_horizon  # Dopamine's load() reads the file's range
+    mask = replay.valid_mask(buf.terminal, buf.add_count, 3, **info.rules(3))
+    assert np.flatnonzero(mask).tolist() == buf.valid(3)
+    if writer_horizon == 5:
+        narrow = replay.valid_mask(buf.terminal, buf.add_count, 3)
+        assert (narrow & ~mask).sum() == 2  # c-5 and c-4 are in the file's range only
+    fb = replay.FrameBuffer.from_checkpoint(d, 0, n_step=3)
+    assert fb.valid_indices().tolist() == buf.valid(3)
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -371,9 +574,16 @@ def test_equal_game_shares_with_rotating_remainder(tmp_path):
 
 
 def test_selection_rules(tmp_path):
+    # "suboptimal" = suffixes 0..9 by number (the first 20% of DQN-Replay's 0..50), not a share of the files
     assert replay.select_suffixes(range(51), "suboptimal") == list(range(10))
-    assert replay.select_suffixes(range(11), "suboptimal") == [0, 1]
-    assert replay.select_suffixes(range(3), "suboptimal") == [0]
+    assert replay.select_suffixes(range(11), "suboptimal") == list(range(10))
+    with pytest.warns(UserWarning, match=r"run-a lacks sub-optimal checkpoints \[3, 4, 5, 6, 7, 8, 9\]"):
+        assert replay.select_suffixes(range(3), "suboptimal", "run-a") == [0, 1, 2]
+    with pytest.warns(UserWarning, match=r"run-b lacks sub-optimal checkpoints \[0, 1, 5\].*using \[2, 3, 4"):
+        got = replay.select_suffixes([2, 3, 4, 6, 7, 8, 9, 10, 30], "suboptimal", "run-b")
+    assert got == [2, 3, 4, 6, 7, 8, 9]
+    with pytest.raises(replay.ReplayDataError, match=r"run-c holds none of the sub-optimal checkpoints 0..9"):
+        replay.select_suffixes(range(40, 51), "suboptimal", "run-c")  # was [40, 41] by position
     assert replay.select_suffixes([4, 1, 2], "nearoptimal") == [1, 2, 4]
     assert replay.select_suffixes(range(5), [3, 1]) == [1, 3]
     assert replay.select_suffixes(range(5), "0,4") == [0, 4]
@@ -382,9 +592,11 @@ def test_selection_rules(tmp_path):
     with pytest.raises(replay.ReplayDataError, match="not suboptimal, nearoptimal"):
         replay.select_suffixes(range(5), "best")
 
-    where = make_dataset(tmp_path, games=("Pong",), num_ckpts=6, cases=("wrapped_cursor_mid",))
-    r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="suboptimal")  # 6 // 5 = 1
-    assert {where[int(i)][2] for i in frame_id(r.sample(300).obs[:, -1])} == {0}
+    where = make_dataset(tmp_path, games=("Pong",), num_ckpts=12, cases=("wrapped_cursor_mid",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0..9 all there: nothing to warn about
+        r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="suboptimal")
+    assert {where[int(i)][2] for i in frame_id(r.sample(3000).obs[:, -1])} == set(range(10))  # not 10, 11
     r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints=[2, 5])
     assert {where[int(i)][2] for i in frame_id(r.sample(600).obs[:, -1])} == {2, 5}
     r = replay.MultiGameReplay(tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", fraction=0.5)
@@ -420,6 +632,66 @@ def test_streaming_rotation_covers_all_checkpoints_and_resume_repeats_batches(tm
         for x, y in zip(b, batches[call], strict=True):
             assert np.array_equal(x, y)
     r2.close()
+
+
+def test_streaming_mixes_windows_of_different_checkpoints_covers_all_and_resumes_exactly(tmp_path):
+    games = ("Pong",)
+    cases = ("wrapped_cursor_mid", "long_episodes_wrapped")
+    where = make_dataset(tmp_path, games=games, num_ckpts=4, cases=cases)
+    legal = [atari.legal_actions(g) for g in games]
+    slot = 60  # frames per slot; checkpoints hold 40-50 transitions, so 3 windows of ~20 frames fit
+    budget = slot * 2 * replay._ROW_BYTES / 2**30  # 1 game + 1 spare slot
+    kw = dict(runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, seed=5)
+    r = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=400, windows_per_slot=3, **kw)
+    sets = r._sets[0]
+    assert len(sets) > 3 and all(len({p.key() for p in s}) == len(s) for s in sets)  # distinct checkpoints
+    assert sum(len(s) == 3 for s in sets) >= len(sets) - 1  # all but at most the last set mix 3 of them
+    pieces = [p for s in sets for p in s]
+    assert len(pieces) == len(set(pieces))  # every window in exactly one set: a pass covers everything
+    assert r.reload_every == 400 // (len(sets) + 1)  # auto: every set within the run
+    assert "up to 3 windows of different checkpoints per slot" in r.plan_summary()
+    seen, states, batches, per_batch = set(), {}, [], []
+    for call in range(400):
+        states[call] = json.loads(json.dumps(r.state_dict()))
+        batch = r.sample(24)
+        batches.append(batch)
+        ids = check_batch(batch, where, legal, 3, 0.99)
+        seen |= set(ids.tolist())
+        per_batch.append(len({where[int(i)][2] for i in ids}))
+    expected = all_valid(where, 3, keep=lambda k, buf, i: i >= 3 and i + 3 < buf.C)
+    assert seen == expected  # windows load their neighbours' edge frames: only the file ends are dropped
+    assert np.mean(per_batch) > 2.5  # a batch of one game draws from ~3 checkpoints (one window: 1)
+    report = r.plan_report(24, 400)
+    assert "data seen over the run: 100.0%" in report and "windows per slot: 3" in report
+    r.close()
+    # across several swaps; a longer --total-steps on resume keeps the auto period the run started with
+    r2 = replay.MultiGameReplay(tmp_path, games, reload_every=0, total_samples=900, windows_per_slot=3, **kw)
+    assert r2.reload_every != r.reload_every
+    r2.load_state_dict(states[150])
+    assert r2.reload_every == r.reload_every
+    for call in range(150, 260):
+        for x, y in zip(r2.sample(24), batches[call], strict=True):
+            assert np.array_equal(x, y)
+    r2.close()
+    one = replay.MultiGameReplay(tmp_path, games, reload_every=50, windows_per_slot=1, **kw)
+    assert all(len(s) == 1 for s in one._sets[0])  # the old layout: one window per slot
+    one.close()
+
+
+def test_dry_run_plans_the_paper_presets_without_data():
+    sub = replay.MultiGameReplay.dry_run(atari.TRAIN_GAMES, runs=(1,), checkpoints="suboptimal",
+                                         reload_every=0, total_samples=10_000_000)  # fmt: skip
+    report = sub.plan_report(512, 10_000_000)
+    assert "10 checkpoints, 9,999,999 transitions per game (399,999,960 in all)" in report  # the paper's 400M
+    assert "windows per slot: 5" in report and "data seen over the run: 100.0%" in report
+    distinct = float(report.split("distinct checkpoints per batch: ")[1].split()[0])
+    assert distinct > 150  # vs 40 with one window per slot
+    old = replay.MultiGameReplay.dry_run(atari.TRAIN_GAMES, runs=(1, 2, 3, 4, 5), windows_per_slot=1,
+                                         total_samples=10_000_000)  # fmt: skip
+    old_report = old.plan_report(512, 10_000_000)  # the issue's numbers: 50M per game, ~44% ever seen
+    assert "data seen over the run: 44." in old_report and "distinct checkpoints per batch: 40 " in old_report
+    with pytest.raises(replay.ReplayDataError, match="n_step 256 is above 255"):
+        replay.MultiGameReplay.dry_run(["Pong"], n_step=256)
 
 
 def test_distributed_ranks_get_disjoint_shares(tmp_path):
@@ -508,6 +780,7 @@ def test_pickled_file_is_refused(tmp_path):
         replay.read_checkpoint(d, 0)
 
 
+@pytest.mark.filterwarnings("ignore:.*lacks sub-optimal checkpoints")  # 2 checkpoints, default "suboptimal"
 def test_bad_paths_and_selections(tmp_path):
     new = replay.MultiGameReplay
     with pytest.raises(replay.ReplayDataError, match="does not exist: download DQN-Replay with `gsutil"):
@@ -537,10 +810,11 @@ def test_bad_paths_and_selections(tmp_path):
 
 def test_corrupt_checkpoint_in_background_is_excluded_and_training_goes_on(tmp_path):
     where = make_dataset(tmp_path, games=("Pong",), num_ckpts=4, cases=("long_episodes_wrapped",))
-    budget = 60 * 2 * replay._ROW_BYTES / 2**30  # one whole checkpoint per set
+    budget = 60 * 2 * replay._ROW_BYTES / 2**30  # one whole checkpoint per set (no mixing)
     r = replay.MultiGameReplay(
-        tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=5
-    )
+        tmp_path, ["Pong"], runs=(1,), checkpoints="nearoptimal", memory_budget_gb=budget, reload_every=5,
+        windows_per_slot=1,
+    )  # fmt: skip
     r._job.done.wait()
     busy = {p.suffix for p in r._loaded[0] + (r._job.result or [])}
     bad = sorted({0, 1, 2, 3} - busy)[0]
