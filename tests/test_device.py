@@ -143,6 +143,9 @@ def test_batch_stream_brings_the_same_batches_to_the_device(data_dir):
         s.data.close()
 
 
+@pytest.mark.skipif(
+    DEVICE.type == "cpu", reason="on the CPU, test_cql_multigame.py's resume tests already run this (CI time)"
+)
 def test_training_script_runs_and_resumes_on_the_device(data_dir, tmp_path):
     base = dataclasses.replace(
         cql.PRESETS["demo"][1], games=GAMES, data_dir=str(data_dir), runs_dir=str(tmp_path), record_missing=0,
