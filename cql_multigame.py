@@ -64,7 +64,14 @@ class Args:
     device: str = "auto"
     """auto (XLA if torch_xla imports, else CUDA, else MPS, else CPU), or cpu, cuda, cuda:1, mps, xla"""
     xla_multiprocess: bool = False
-    """on TPU: start one process per TPU device with torch_xla's launcher (data parallel over cores)"""
+    """on TPU: start one process per TPU device with torch_xla's launcher (data parallel over cores);
+    prefer --xla-spmd"""
+    xla_spmd: bool = False
+    """on TPU: SPMD data parallelism, one process per host drives all its devices; every batch is split
+    along its batch dim over a ('data',) mesh of all devices of all hosts (torch-xla's recommended way)"""
+    xla_cache_dir: str = ""
+    """on XLA: torch-xla's persistent compilation cache in this (host-local) folder, so a restarted run
+    loads its compiled graphs instead of compiling them again ("": off)"""
 
     # --- data (DQN-Replay, see replay.py) ---
     data_dir: str = "data/dqn-replay"
@@ -158,7 +165,8 @@ class Args:
     save_every: int = 100_000
     """gradient steps between checkpoints (also written at the end)"""
     save_all_ranks: bool = False
-    """debug: every process writes its final parameters to params_rank<r>.pt (the DDP test uses it)"""
+    """debug: every process writes its final parameters to params_rank<r>.pt and the games of its batches
+    to batch_games_rank<r>.pt (the data-parallel tests use them)"""
     xla_metrics: bool = False
     """debug on XLA: print the graph compile/execute counts at every log interval (should stop growing)"""
 
@@ -270,13 +278,17 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     xla: bool = False  # gradients are averaged by xm.optimizer_step instead of DDP
+    spmd: bool = False  # XLA SPMD: rank/world_size count hosts; the compiler averages the gradients
+    mesh: Any = None  # SPMD: the ('data',) mesh over all devices of all hosts
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        # SPMD: no barrier needed (every host runs every step and evaluation; each SPMD graph waits for
+        # all hosts), and torch-xla's rendezvous is a collective outside the mesh
+        if self.world_size > 1 and not self.spmd:
             if self.xla:
                 import torch_xla.core.xla_model as xm
 
@@ -290,6 +302,8 @@ def setup_distributed(device: torch.device) -> Dist:
     if device.type == "xla":
         import torch_xla.runtime as xr
 
+        if xr.is_spmd():
+            return setup_spmd()
         return Dist(rank=xr.global_ordinal(), world_size=xr.world_size(), xla=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -301,7 +315,9 @@ def setup_distributed(device: torch.device) -> Dist:
 
 
 def xla_metrics_line(step: int, rank: int = 0) -> str:
-    """Compile/execute counts of torch_xla's metrics; after warm-up only the execute count should grow."""
+    """Compile/execute counts of torch_xla's metrics; after warm-up only the execute count should grow.
+    Executions count single-device graphs (ExecuteTime) and SPMD graphs run on all devices
+    (ExecuteReplicatedTime)."""
     import torch_xla.debug.metrics as met
 
     def count(name: str) -> int:
@@ -312,7 +328,8 @@ def xla_metrics_line(step: int, rank: int = 0) -> str:
     fallbacks = {n: met.counter_value(n) for n in met.counter_names() if n.startswith("aten::")}
     return (
         f"[xla rank {rank}] step {step}: compiles {count('CompileTime')} ({compile_s:.1f} s), "
-        f"executions {count('ExecuteTime')}, device->host transfers {count('TransferFromDeviceTime')}, "
+        f"executions {count('ExecuteTime') + count('ExecuteReplicatedTime')}, "
+        f"device->host transfers {count('TransferFromDeviceTime')}, "
         f"cpu fallbacks {fallbacks or 'none'}"
     )
 
@@ -323,6 +340,76 @@ def sync_device(device: torch.device) -> None:
         import torch_xla
 
         torch_xla.sync()
+
+
+def init_xla_runtime(args: Args) -> None:
+    """Before the first XLA tensor: the persistent compilation cache (--xla-cache-dir) and SPMD mode
+    (--xla-spmd). Both must precede any computation; without either flag this does nothing."""
+    if not (args.xla_spmd or args.xla_cache_dir):
+        return
+    if args.device not in ("auto", "xla") or not _xla_available():
+        raise ConfigError(
+            "--xla-spmd and --xla-cache-dir need torch_xla and --device xla (or auto); install "
+            "requirements-tpu.txt or drop the flag."
+        )
+    if args.xla_spmd and args.xla_multiprocess:
+        raise ConfigError(
+            "--xla-spmd and --xla-multiprocess are two ways of data parallelism on XLA; pass one "
+            "(--xla-spmd is torch-xla's recommended one)."
+        )
+    import torch_xla.runtime as xr
+
+    if args.xla_cache_dir:
+        # per host; a pod's other hosts could share one read-only (initialize_cache(readonly=True))
+        xr.initialize_cache(args.xla_cache_dir, readonly=False)
+    if args.xla_spmd:
+        xr.use_spmd()
+
+
+def setup_spmd() -> Dist:
+    """XLA SPMD: one process per host, one ('data',) mesh over the devices of all hosts. Ranks are hosts
+    (xr.process_index of xr.process_count): each samples its share of the global batch from its share
+    of the data; the compiler splits every step over the mesh and inserts the gradient all-reduce."""
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    n = xr.global_runtime_device_count()
+    mesh = xs.Mesh(np.arange(n), (n,), ("data",))
+    return Dist(rank=xr.process_index(), world_size=xr.process_count(), xla=True, spmd=True, mesh=mesh)
+
+
+def shard_batch(tensors: dict[str, torch.Tensor], device: torch.device, mesh: Any) -> dict[str, torch.Tensor]:
+    """SPMD: this host's rows of the global batch (CPU tensors) onto the devices, every tensor split along
+    dim 0 over the 'data' axis. minibatch=True: each host hands over only its own rows (its
+    B / process_count), and together they form the global batch; one transfer per tensor rank."""
+    import torch_xla.core.xla_model as xm
+    import torch_xla.distributed.spmd as xs
+
+    out: dict[str, torch.Tensor] = {}
+    for ndim in sorted({v.dim() for v in tensors.values()}):
+        group = {k: v for k, v in tensors.items() if v.dim() == ndim}
+        spec = xs.ShardingSpec(mesh, ("data",) + (None,) * (ndim - 1), minibatch=True)
+        out.update(xm.send_cpu_data_to_device(group, device, spec))
+    return {k: out[k] for k in tensors}
+
+
+def check_spmd_args(args: Args, d: Dist) -> None:
+    """SPMD: the global batch must split evenly over all devices (and then over hosts)."""
+    if not d.spmd:
+        return
+    import torch_xla.runtime as xr
+
+    n = xr.global_runtime_device_count()
+    if args.batch_size % n:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} does not split over the {n} XLA devices of the SPMD mesh; "
+            f"use a multiple of {n}."
+        )
+    if args.record_missing > 0 and d.world_size > 1:
+        raise ConfigError(
+            "--record-missing records on one host only; record the data first (python replay.py) or "
+            "run it on a single host."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,8 +548,17 @@ class BatchStream:
     the same next batches.
     """
 
-    def __init__(self, data: replay.MultiGameReplay, batch_size: int, device: torch.device, prefetch: int):
+    def __init__(
+        self,
+        data: replay.MultiGameReplay,
+        batch_size: int,
+        device: torch.device,
+        prefetch: int,
+        mesh: Any = None,
+    ):
         self.data, self.batch_size, self.device = data, batch_size, device
+        self.mesh = mesh  # XLA SPMD: batches are split over this mesh (shard_batch)
+        self.games_seen: list[np.ndarray] | None = None  # debug (--save-all-ranks): each batch's games
         self.pin = device.type == "cuda"
         self.wait_time = 0.0
         self._queue: queue.Queue | None = None
@@ -501,7 +597,12 @@ class BatchStream:
             if isinstance(item, BaseException):
                 raise item
         tensors, state = item
-        tensors = {k: v.to(self.device, non_blocking=self.pin) for k, v in tensors.items()}
+        if self.games_seen is not None:
+            self.games_seen.append(tensors["game"].numpy().copy())
+        if self.mesh is not None:
+            tensors = shard_batch(tensors, self.device, self.mesh)
+        else:
+            tensors = {k: v.to(self.device, non_blocking=self.pin) for k, v in tensors.items()}
         self.wait_time += time.perf_counter() - start
         return tensors, state
 
@@ -517,20 +618,67 @@ class BatchStream:
 
 
 def to_cpu(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU."""
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    """A copy of nested dicts/lists/tuples with every tensor moved to the CPU in one batched transfer:
+    on XLA one call for all tensors (as xm.save does), on CUDA non-blocking copies and one synchronize,
+    instead of one blocking .cpu() per tensor (68 per save in the tiny run)."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(o: Any) -> Any:  # the structure with every tensor replaced by its index in `tensors`
+        if torch.is_tensor(o):
+            tensors.append(o)
+            return _TensorSlot(len(tensors) - 1)
+        if isinstance(o, dict):
+            return {k: collect(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(collect(v) for v in o)
+        return o
+
+    def rebuild(o: Any, cpu: list[torch.Tensor]) -> Any:
+        if isinstance(o, _TensorSlot):
+            return cpu[o.index]
+        if isinstance(o, dict):
+            return {k: rebuild(v, cpu) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(rebuild(v, cpu) for v in o)
+        return o
+
+    skeleton = collect(obj)
+    return rebuild(skeleton, tensors_to_cpu(tensors))
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    index: int
+
+
+def tensors_to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device tensors -> CPU tensors, batched per device type; CPU tensors are returned as they are."""
+    out = list(tensors)
+    xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
+    if xla:
+        import torch_xla
+
+        moved = [tensors[i] for i in xla]
+        # what xm.save does (through xm._maybe_convert_to_cpu): finish pending graphs, then one transfer
+        torch_xla._XLAC._xla_sync_multi(moved, devices=[], wait=True, sync_xla_data=False)
+        for i, t in zip(xla, torch_xla._XLAC._xla_get_cpu_tensors(moved), strict=True):
+            out[i] = t
+    cuda = [i for i, t in enumerate(tensors) if t.device.type == "cuda"]
+    if cuda:
+        for i in cuda:
+            out[i] = tensors[i].to("cpu", non_blocking=True)
+        torch.cuda.synchronize()
+    for i, t in enumerate(out):  # any other device (mps): one by one
+        if t.device.type != "cpu":
+            out[i] = t.cpu()
+    return out
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a killed process leaves the previous checkpoint intact. Tensors are saved on the
     CPU (as xm.save does on XLA), so a checkpoint loads anywhere, also without torch_xla or a GPU."""
     state = to_cpu(state)
+    path.parent.mkdir(parents=True, exist_ok=True)  # every process creates the folder it writes into
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -718,12 +866,10 @@ def check_args(args: Args, world_size: int) -> None:
             f"--batch-size {args.batch_size} does not split over {world_size} processes; "
             f"use a multiple of {world_size}."
         )
-    per_rank = args.batch_size // world_size
-    if per_rank < len(args.games):
+    if args.batch_size < len(args.games):  # each process samples a rotating subset of the games
         raise ConfigError(
-            f"--batch-size {args.batch_size} gives {per_rank} samples per process, fewer than "
-            f"the {len(args.games)} games; every batch needs each game, use at least "
-            f"{len(args.games) * world_size}."
+            f"--batch-size {args.batch_size} is smaller than the {len(args.games)} games; every global "
+            f"batch needs each game, use at least {len(args.games)}."
         )
     if args.v_min >= args.v_max or args.num_atoms < 2:
         raise ConfigError("--v-min must be below --v-max and --num-atoms at least 2.")
@@ -773,16 +919,23 @@ def record_missing_games(args: Args) -> None:
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Backward and one optimizer step. On XLA, xm.optimizer_step also all-reduces the gradients over
-    replicas (the torch-xla idiom); under DDP, backward has already averaged them."""
+    """Backward and one optimizer step. On XLA (one process per device), xm.optimizer_step also
+    all-reduces the gradients over replicas (the torch-xla idiom); under DDP, backward has already averaged
+    them; under XLA SPMD the loss is the mean over the global sharded batch, so the compiler has."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if device.type == "xla":
+    if device.type == "xla" and not _xla_spmd():
         import torch_xla.core.xla_model as xm
 
         xm.optimizer_step(optimizer)
     else:
         optimizer.step()
+
+
+def _xla_spmd() -> bool:
+    import torch_xla.runtime as xr
+
+    return xr.is_spmd()
 
 
 def fetch_metrics(metrics: dict[str, torch.Tensor], where: str, advice: str) -> dict[str, float]:
@@ -903,9 +1056,11 @@ def main(args: Args) -> dict[str, Any]:
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         print(replay_plan(args, int(os.environ.get("WORLD_SIZE", "1"))))
         return {}
+    init_xla_runtime(args)
     device = select_device(args.device)
     d = setup_distributed(device)
     check_args(args, d.world_size)
+    check_spmd_args(args, d)
     run_dir = choose_run_dir(args)
     ckpt_path = run_dir / "checkpoint.pt"
     resume_ckpt = None
@@ -969,7 +1124,7 @@ def main(args: Args) -> dict[str, Any]:
             resume_ckpt["replay"] if d.rank == 0 else load_rank_replay_state(run_dir, d.rank, step)
         )
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
-    if d.xla and d.world_size > 1:
+    if d.xla and not d.spmd and d.world_size > 1:
         import torch_xla.core.xla_model as xm
 
         # replicas start identical: on TPU v2/v3 (and CPU_NUM_DEVICES) replicas are threads of one
@@ -1004,7 +1159,9 @@ def main(args: Args) -> dict[str, Any]:
         )
 
     per_rank_batch = args.batch_size // d.world_size
-    stream = BatchStream(data, per_rank_batch, device, args.prefetch)
+    stream = BatchStream(data, per_rank_batch, device, args.prefetch, mesh=d.mesh)
+    if args.save_all_ranks:
+        stream.games_seen = []
     replay_state = data.state_dict()
     metrics: dict[str, torch.Tensor] = {}
     last_log = (time.perf_counter(), step, 0.0)
@@ -1068,8 +1225,9 @@ def main(args: Args) -> dict[str, Any]:
                     (progress.write if progress is not None else print)(xla_metrics_line(step, d.rank))
 
             if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-                if d.main:
+                if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
                     result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+                if d.main:
                     log_evaluation(writer, result, step)
                     progress.write(format_summary(result, step))
                 d.barrier()
@@ -1083,9 +1241,13 @@ def main(args: Args) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
     if args.save_all_ranks:
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, run_dir / f"params_rank{d.rank}.pt")
-    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(to_cpu(net.state_dict()), run_dir / f"params_rank{d.rank}.pt")
+        games_seen = torch.from_numpy(np.stack(stream.games_seen))  # [steps, per-rank batch]
+        torch.save({"games": games_seen}, run_dir / f"batch_games_rank{d.rank}.pt")
+    if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
         result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+    if d.main:
         log_evaluation(writer, result, step)
         writer.close()
         summary.update(result)

@@ -838,9 +838,11 @@ class MultiGameReplay:
     of that game; errors at start-up stop the run.
 
     Sampling: batch_size // G transitions per game, the batch_size % G extra ones to games in rotating
-    order; within a game, uniform over the valid transitions of its loaded set (Dopamine's rules). Static
-    shapes. Each row's n-step return, discount and next-state offset are worked out when its checkpoint is
-    loaded (n_step_targets), so sample() only gathers: obs and next_obs as one 4-frame block per state.
+    order (with world_size > 1, of the global batch: each rank draws a rotating block of it, see
+    rank_batch_games); within a game, uniform over the valid transitions of its loaded set (Dopamine's
+    rules). Static shapes. Each row's n-step return, discount and next-state offset are worked out when
+    its checkpoint is loaded (n_step_targets), so sample() only gathers: obs and next_obs as one 4-frame
+    block per state.
     """
 
     def __init__(
@@ -1261,12 +1263,13 @@ class MultiGameReplay:
     # --- sampling ---------------------------------------------------------------------------------------
 
     def sample(self, batch_size: int) -> Batch:
-        """batch_size transitions (this rank's batch): batch_size // G per game plus rotating extras."""
+        """batch_size transitions: this rank's rows of a global batch of batch_size x world_size that holds
+        an equal share of every game plus rotating extras (rank_batch_games)."""
         G = len(self.games)
-        if batch_size < G:
+        if batch_size * self.world_size < G:
             raise ValueError(
-                f"batch_size {batch_size} is smaller than the {G} games; every batch needs each game, "
-                f"use at least {G}."
+                f"batch_size {batch_size} x {self.world_size} rank(s) is smaller than the {G} games; every "
+                f"global batch needs each game, use at least {math.ceil(G / self.world_size)} per rank."
             )
         if self._rotating and self._calls == self._next_event * self._interval:
             self._swap()
@@ -1287,16 +1290,13 @@ class MultiGameReplay:
         )
 
     def _layout(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For this call: each row's game [B] (batch_size // G per game, the batch_size % G extra rows
-        rotating over the games), and its game's number of valid transitions and first row in _valid.
-        Cached per rotation step (at most G of them) until a swap or a resume changes the slots."""
-        G = len(self.games)
-        extra = batch_size % G
-        key = (batch_size, self._calls * extra % G)
+        """For this call: each row's game [B] (this rank's rows of the global batch, see rank_batch_games),
+        and its game's number of valid transitions and first row in _valid. Cached per rotation step (at
+        most G x world_size of them) until a swap or a resume changes the slots."""
+        G, W = len(self.games), self.world_size
+        key = (batch_size, *_layout_phase(batch_size * W, G, self._calls, self.rank, W))
         if key not in self._layouts:
-            counts = np.full(G, batch_size // G, np.int64)
-            counts[(self._calls * extra + np.arange(extra)) % G] += 1
-            game = np.repeat(np.arange(G), counts)  # [B]
+            game = rank_batch_games(batch_size * W, G, self._calls, self.rank, W)  # [B]
             slot = np.asarray(self._game_slot)[game]  # [B]
             self._layouts[key] = (game, self._slot_valid[slot], self._slot_start[slot])
         return self._layouts[key]
@@ -1482,6 +1482,39 @@ class MultiGameReplay:
     def __del__(self) -> None:
         if getattr(self, "_job", None) is not None:
             self._stop.set()
+
+
+def _layout_phase(
+    global_batch: int, num_games: int, call: int, rank: int, world_size: int
+) -> tuple[int, int]:
+    """(where the extra rows start, which block of the global batch this rank takes) at `call`."""
+    extra = global_batch % num_games
+    period = num_games // math.gcd(extra, num_games)  # calls per full turn of the extras (1 if none)
+    return call * extra % num_games, (rank + call // period) % world_size
+
+
+def rank_batch_games(
+    global_batch: int, num_games: int, call: int, rank: int = 0, world_size: int = 1
+) -> np.ndarray:
+    """The game of each row of `rank`'s part of the `call`-th global batch: int64 [B // world_size].
+
+    The global batch (all ranks together) holds global_batch // G rows of every game, and one more row of
+    global_batch % G games that rotate from call to call (512 over 40 games: 12 or 13 each, 12.8 on
+    average), sorted by game. Each of the world_size ranks takes one block of global_batch // world_size
+    consecutive rows, so a rank samples only a subset of the games at each call and the global batch still
+    has the equal per-game share however many ranks there are (40 games at batch 512 run on 64 replicas:
+    8 rows, 1-2 games each). Which block a rank takes moves on by one after every full turn of the extras
+    (P = G / gcd(extra, G) calls): over P * world_size calls every rank has drawn every game equally often,
+    so the disjoint shares of each game's data that the ranks hold are sampled at the same rate. With one
+    rank this is the whole global batch (the 1-process layout).
+    """
+    G = num_games
+    start, block = _layout_phase(global_batch, G, call, rank, world_size)
+    counts = np.full(G, global_batch // G, np.int64)
+    counts[(start + np.arange(global_batch % G)) % G] += 1
+    game = np.repeat(np.arange(G), counts)  # [global_batch], sorted by game
+    b = global_batch // world_size
+    return game[block * b : (block + 1) * b]
 
 
 def _dist_rank_world() -> tuple[int, int]:

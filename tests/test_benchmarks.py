@@ -46,3 +46,16 @@ def test_a_wrong_flag_is_one_sentence_without_traceback(tmp_path):
     r = run("benchmarks/bench_learner.py", "--archs", "resnet7", "--out", str(tmp_path / "x.json"))
     assert r.returncode != 0
     assert "unknown --archs 'resnet7'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_check_smoke_on_the_cpu(tmp_path):
+    # the one-command accelerator check, shrunk to its CPU smoke test: tests, learner bench, torchrun run
+    out = tmp_path / "gpu_check.json"
+    r = run("benchmarks/gpu_check.py", "--device", "cpu", "--scratch", str(tmp_path), "--out", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tests"]["ok"] and " passed" in result["tests"]["summary"]
+    assert [(b["arch"], b["dtype"]) for b in result["bench"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    assert all(b["ok"] and b["samples_per_s"] > 0 for b in result["bench"])
+    assert result["train"]["ranks_identical"] and result["train"]["nproc"] == 2
+    assert "| training | torchrun x2" in r.stdout

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,12 +220,53 @@ def test_torchrun_two_processes_keep_identical_parameters(data_dir, tmp_path):
     assert (run_dir / "replay_state_rank1.pt").is_file()
 
 
+def test_torchrun_four_processes_split_the_games_of_the_global_batch(data_dir, tmp_path):
+    # more games than samples per process (6 games, batch 8: 2 rows per rank), as 40 games at batch 512
+    # on 64 replicas: each rank draws a rotating subset of the games from its own share of their data
+    games = GAMES + ("Asterix", "Seaquest", "Qbert")
+    data6 = tmp_path / "data6"
+    data6.mkdir()
+    for game in GAMES:
+        (data6 / game).symlink_to(data_dir / game)
+    replay.record(data6, games[3:], runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
+    steps = 6
+    r = run_script(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+        "cql_multigame.py", "demo", "--games", *games, "--data-dir", str(data6),
+        "--runs-dir", str(tmp_path / "runs"), "--run-name", "four", "--record-missing", "0",
+        "--total-steps", str(steps), "--batch-size", "8", "--log-every", "3", "--save-every", "3",
+        "--target-update-every", "2", "--eval-episodes", "1", "--eval-envs", "1", "--eval-max-steps", "5",
+        "--prefetch", "0", "--save-all-ranks", "--device", "cpu",
+        timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "four"
+    params = [torch.load(run_dir / f"params_rank{k}.pt", weights_only=True) for k in range(4)]
+    init = cql_multigame.resnet.QNetwork(num_games=6, arch="tiny").state_dict()
+    for k in params[0]:
+        for p in params[1:]:
+            assert torch.equal(params[0][k], p[k]), k
+    assert any(not torch.equal(params[0][k], init[k]) for k in init)
+    rows = [torch.load(run_dir / f"batch_games_rank{k}.pt", weights_only=True)["games"] for k in range(4)]
+    assert all(x.shape == (steps, 2) for x in rows)
+    for step in range(steps):
+        global_batch = torch.cat([x[step] for x in rows])
+        counts = torch.bincount(global_batch, minlength=6).tolist()
+        # the 1-process share of batch 8 over 6 games: 1 each, 2 extra rows rotating over the games
+        assert counts == np.bincount(replay.rank_batch_games(8, 6, step), minlength=6).tolist()
+        assert sorted(counts) == [1, 1, 1, 1, 2, 2]
+        for k in range(4):
+            assert rows[k][step].tolist() == replay.rank_batch_games(8, 6, step, k, 4).tolist()
+    for k in (1, 2, 3):  # every rank created the folder it writes into and saved its sampler state
+        assert (run_dir / f"replay_state_rank{k}.pt").is_file()
+
+
 def test_bad_input_stops_with_one_sentence(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown --arch 'resnet7'.*resnet101"):
         main(tiny_args(data_dir, tmp_path, arch="resnet7"))
     with pytest.raises(ConfigError, match="Breakout"):
         main(tiny_args(data_dir, tmp_path, games=("Breakot", "Boxing")))
-    with pytest.raises(ConfigError, match="fewer than the 3 games"):
+    with pytest.raises(ConfigError, match="smaller than the 3 games"):
         main(tiny_args(data_dir, tmp_path, batch_size=2))
     with pytest.raises(ConfigError, match="--eval-workers must be 0"):  # before training, not at evaluation
         main(tiny_args(data_dir, tmp_path, eval_workers=-1))

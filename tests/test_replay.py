@@ -711,6 +711,54 @@ def test_distributed_ranks_get_disjoint_shares(tmp_path):
     assert parts[0] and parts[1] and not parts[0] & parts[1]
 
 
+def test_many_ranks_keep_the_global_equal_game_share():
+    # one rank: the 1-process layout (batch // G per game, the batch % G extras rotating)
+    for call in range(5):
+        counts = np.bincount(replay.rank_batch_games(8, 3, call), minlength=3)
+        assert counts.tolist() == np.roll([3, 3, 2], 2 * call).tolist()
+    # more ranks than a batch holds games per rank: 512 over 40 games on 64 replicas, 8 over 6 on 4
+    for B, G, W in [(512, 40, 64), (512, 40, 16), (8, 6, 4), (480, 40, 16), (12, 3, 2)]:
+        period = G // np.gcd(B % G, G) * W
+        per_rank = np.zeros((W, G), np.int64)
+        for call in range(2 * period):
+            rows = [replay.rank_batch_games(B, G, call, r, W) for r in range(W)]
+            assert all(len(x) == B // W for x in rows)
+            glob = np.bincount(np.concatenate(rows), minlength=G)
+            assert glob.tolist() == np.bincount(replay.rank_batch_games(B, G, call), minlength=G).tolist()
+            assert glob.min() == B // G and glob.max() <= B // G + 1
+            for r in range(W):
+                per_rank[r] += np.bincount(rows[r], minlength=G)
+        # over full rotations every rank has drawn every game equally often: each rank's disjoint share
+        # of a game's data is sampled at the same rate
+        assert (per_rank == per_rank[0, 0]).all(), (B, G, W)
+
+
+def test_ranks_sample_rotating_game_subsets_from_disjoint_shares(tmp_path):
+    games = ("Pong", "Breakout", "Boxing", "Freeway", "Asterix", "Seaquest")
+    where = make_dataset(tmp_path, games=games, num_ckpts=1, cases=("wrapped_cursor_mid",))
+    ranks = [
+        replay.MultiGameReplay(tmp_path, games, runs=(1,), checkpoints="nearoptimal", rank=r, world_size=4)
+        for r in range(4)
+    ]
+    seen: list[dict[int, set]] = [{g: set() for g in range(6)} for _ in ranks]
+    for call in range(60):
+        batches = [r.sample(2) for r in ranks]  # 2 rows per rank, global batch 8 over 6 games
+        for rank, b in enumerate(batches):
+            assert b.game.tolist() == replay.rank_batch_games(8, 6, call, rank, 4).tolist()
+            for g, i in zip(b.game, frame_id(b.obs[:, -1]), strict=True):
+                assert where[int(i)][0] == g  # the row's frames are its game's
+                seen[rank][int(g)].add(int(i))
+        glob = np.bincount(np.concatenate([b.game for b in batches]), minlength=6)
+        assert sorted(glob.tolist()) == [1, 1, 1, 1, 2, 2]
+    for g in range(6):  # every rank drew every game, each from its own share
+        assert all(seen[r][g] for r in range(4))
+        assert all(not seen[a][g] & seen[b][g] for a in range(4) for b in range(a + 1, 4))
+    with pytest.raises(ValueError, match="smaller than the 6 games"):
+        ranks[0].sample(1)
+    for r in ranks:
+        r.close()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -1,0 +1,166 @@
+"""The learner on the device named by SCALEDQL_TEST_DEVICE (default: cpu), checked against the CPU.
+
+In CI this runs on the CPU, where device and reference are the same machine (a smoke test of the checks
+themselves). benchmarks/gpu_check.py runs it with SCALEDQL_TEST_DEVICE=cuda on a GPU machine: the C51
+projection and the C51 + CQL loss with their gradients, the networks' forward and backward, one full
+update (fused Adam on CUDA), bf16 autocast, the pinned-memory batch stream, and the training script end to
+end with an exact --resume, each compared with the same computation on the CPU.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import cql_multigame as cql
+import replay
+import resnet
+
+DEVICE = torch.device(os.environ.get("SCALEDQL_TEST_DEVICE", "cpu"))
+# CUDA runs convolutions in TF32 by default and sums in another order: a few 1e-3 relative
+TOL = {} if DEVICE.type == "cpu" else {"rtol": 2e-3, "atol": 2e-3}
+GAMES = ("Breakout", "Pong")
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.detach().float().cpu(), b.detach().float().cpu(), **TOL)
+
+
+def batch(b: int = 8, num_games: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "obs": torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8),
+        "next_obs": torch.randint(0, 256, (b, 4, 84, 84), generator=g, dtype=torch.uint8),
+        "action": torch.randint(0, 4, (b,), generator=g),  # full-set ids legal in Breakout and Pong
+        "reward": torch.rand(b, generator=g) * 2 - 1,
+        "discount": (torch.rand(b, generator=g) > 0.2).float() * 0.99**3,
+        "game": torch.arange(b) % num_games,
+    }
+
+
+def to(x: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def test_projection_and_loss_with_gradient_match_the_cpu():
+    g = torch.Generator().manual_seed(1)
+    support = torch.linspace(-10, 10, 51)
+    logits = torch.randn(16, 18, 51, generator=g)
+    next_probs = torch.randn(16, 51, generator=g).softmax(-1)
+    reward, discount = torch.rand(16, generator=g) * 2 - 1, torch.full((16,), 0.97)
+    legal = torch.rand(16, 18, generator=g) > 0.3
+    legal[:, 0] = True
+    action = torch.zeros(16, dtype=torch.int64)
+    out = {}
+    for device in (torch.device("cpu"), DEVICE):
+        x = logits.to(device).requires_grad_(True)
+        target = cql.categorical_projection(next_probs.to(device), reward.to(device), discount.to(device),
+                                            support.to(device))  # fmt: skip
+        loss, metrics = cql.c51_cql_loss(
+            x, action.to(device), target, support.to(device), legal.to(device), 0.1
+        )
+        loss.backward()
+        out[device.type] = (target, loss, x.grad, metrics)
+    ref, dev = out["cpu"], out[DEVICE.type]
+    for a, b in zip(ref[:3], dev[:3], strict=True):
+        close(a, b)
+    for k in ref[3]:
+        close(ref[3][k], dev[3][k])
+
+
+@pytest.mark.parametrize("arch", ["tiny", "impala", "resnet18"])
+def test_network_forward_and_backward_match_the_cpu(arch):
+    torch.manual_seed(0)
+    net = resnet.QNetwork(num_games=2, arch=arch)
+    dev_net = copy.deepcopy(net).to(DEVICE)
+    b = batch(4)
+    ref = net(b["obs"], b["game"])
+    out = dev_net(b["obs"].to(DEVICE), b["game"].to(DEVICE))
+    close(ref, out)
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    for (name, p), q in zip(net.named_parameters(), dev_net.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(
+                q.grad.cpu(), p.grad, rtol=1e-2 if TOL else 1.3e-6, atol=1e-4 if TOL else 1e-5, msg=name
+            )
+
+
+def test_one_update_matches_the_cpu():
+    torch.manual_seed(0)
+    nets = {}
+    for device in (torch.device("cpu"), DEVICE):
+        torch.manual_seed(0)
+        net = resnet.QNetwork(num_games=2, arch="tiny").to(device)
+        target = copy.deepcopy(net)
+        opt = cql.make_optimizer(net.parameters(), 1e-3, 3.125e-4, device)
+        support = torch.linspace(-10, 10, 51, device=device)
+        legal = cql.legal_action_table(GAMES).to(device)
+        loss, _ = cql.compute_loss(net, target, to(batch(), device), support, legal, 0.1)
+        cql.gradient_step(loss, opt, device)
+        nets[device.type] = (net, loss)
+    close(nets["cpu"][1], nets[DEVICE.type][1])
+    for p, q in zip(nets["cpu"][0].parameters(), nets[DEVICE.type][0].parameters(), strict=True):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-3, atol=2e-4 if TOL else 1e-6)
+
+
+def test_bf16_autocast_keeps_the_loss_close_to_float32():
+    torch.manual_seed(0)
+    net = resnet.QNetwork(num_games=2, arch="tiny").to(DEVICE)
+    support = torch.linspace(-10, 10, 51, device=DEVICE)
+    legal = cql.legal_action_table(GAMES).to(DEVICE)
+    b = to(batch(), DEVICE)
+    f32, _ = cql.compute_loss(net, net, b, support, legal, 0.1, bf16=False)
+    bf16, metrics = cql.compute_loss(net, net, b, support, legal, 0.1, bf16=True)
+    assert bf16.dtype == torch.float32 and all(v.dtype == torch.float32 for v in metrics.values())
+    assert abs(float(bf16.detach()) - float(f32.detach())) < 0.02 * abs(float(f32.detach()))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1200, seed=0, progress=False)
+    return path
+
+
+def test_batch_stream_brings_the_same_batches_to_the_device(data_dir):
+    kw = dict(runs=(1,), checkpoints="nearoptimal", seed=3)
+    cpu = cql.BatchStream(replay.MultiGameReplay(data_dir, GAMES, **kw), 8, torch.device("cpu"), prefetch=0)
+    dev = cql.BatchStream(replay.MultiGameReplay(data_dir, GAMES, **kw), 8, DEVICE, prefetch=2)
+    assert dev.pin == (DEVICE.type == "cuda")
+    for _ in range(3):
+        (a, sa), (b, sb) = cpu.next(), dev.next()
+        assert sa == sb
+        for k in a:
+            assert b[k].device.type == DEVICE.type and b[k].dtype == a[k].dtype
+            assert torch.equal(a[k], b[k].cpu()), k
+    for s in (cpu, dev):
+        s.close()
+        s.data.close()
+
+
+@pytest.mark.skipif(
+    DEVICE.type == "cpu", reason="on the CPU, test_cql_multigame.py's resume tests already run this (CI time)"
+)
+def test_training_script_runs_and_resumes_on_the_device(data_dir, tmp_path):
+    base = dataclasses.replace(
+        cql.PRESETS["demo"][1], games=GAMES, data_dir=str(data_dir), runs_dir=str(tmp_path), record_missing=0,
+        total_steps=6, batch_size=8, log_every=1, save_every=3, target_update_every=2, eval_episodes=1,
+        eval_envs=1, eval_max_steps=20, device=str(DEVICE),
+    )  # fmt: skip
+    cql.main(dataclasses.replace(base, run_name="full"))
+    cql.main(dataclasses.replace(base, run_name="cut", total_steps=3))
+    cql.main(dataclasses.replace(base, run_name="cut", resume=True))
+
+    def losses(name):
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {x["step"]: x["loss"] for x in map(json.loads, rows)}
+
+    a, b = losses("full"), losses("cut")
+    assert sorted(b) == list(range(1, 7)) and all(np.isfinite(list(a.values())))
+    for step in range(4, 7):  # CUDA's convolution backward may add in any order: float tolerance there
+        assert a[step] == pytest.approx(b[step], rel=1e-5 if TOL else 0, abs=1e-6 if TOL else 0), step
