@@ -27,6 +27,7 @@ import functools
 import math
 import multiprocessing as mp
 import re
+import signal
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -414,7 +415,12 @@ class _LocalSlots:
 
 
 def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], seeds: Sequence[int]) -> None:
-    """Subprocess of _WorkerSlots: slots lo..hi-1 as a _LocalSlots writing into the shared array."""
+    """Subprocess of _WorkerSlots: slots lo..hi-1 as a _LocalSlots writing into the shared array.
+
+    Ctrl-C reaches the whole process group: the parent decides (the training scripts drop the evaluation
+    and close the workers), so a worker ignores SIGINT instead of dying with a KeyboardInterrupt traceback.
+    It never outlives the parent: a closed pipe ends its loop (EOFError)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     slots = None
     try:
         obs = np.frombuffer(shared, np.uint8).reshape(-1, STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE)[lo:hi]
@@ -422,8 +428,13 @@ def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], se
         conn.send(("ok", None))
         while (msg := conn.recv()) is not None:
             conn.send(("ok", slots.step(*msg)))
+    except (EOFError, BrokenPipeError):
+        pass  # the parent closed the pipe mid-evaluation (it was interrupted, or died): end quietly
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
     finally:
         if slots is not None:
             slots.close()
