@@ -26,6 +26,7 @@ Read top to bottom: `Args`, the network set-up, the replay helpers (`add_to_buff
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -41,7 +42,7 @@ import atari
 import cql_multigame
 import replay
 import resnet
-from cql_multigame import ConfigError
+from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, StopSignals
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -161,29 +162,7 @@ def check_args(args: Args) -> str:
         game = atari.check_game(args.game)
     except atari.AtariConfigError as e:
         raise ConfigError(str(e)) from e
-    positive = {
-        "--total-env-steps": args.total_env_steps,
-        "--num-envs": args.num_envs,
-        "--train-every": args.train_every,
-        "--batch-size": args.batch_size,
-        "--n-step": args.n_step,
-        "--target-update-every": args.target_update_every,
-        "--max-episode-steps": args.max_episode_steps,
-        "--log-every": args.log_every,
-    }
-    for flag, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}.")
-    for flag, value in {"--learning-starts": args.learning_starts, "--eval-every": args.eval_every,
-                        "--epsilon-decay-steps": args.epsilon_decay_steps}.items():  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"{flag} must be 0 or more, got {value}.")
-    for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end}.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}.")
-    cql_multigame.check_eval_args(args)
-    if not 0.0 < args.gamma <= 1.0 or args.cql_alpha < 0.0 or args.lr <= 0.0:
-        raise ConfigError("--gamma must be in (0, 1], --cql-alpha 0 or more and --lr positive.")
+    cql_multigame.check_ranges(args)  # every numeric flag, the same rules as the other scripts
     if args.buffer_size // args.num_envs < MIN_BUFFER_PER_ENV:
         raise ConfigError(
             f"--buffer-size {args.buffer_size} gives each of the {args.num_envs} envs fewer than "
@@ -386,6 +365,14 @@ def default_run_name(args: Args, game: str) -> str:
 
 
 def main(args: Args) -> dict[str, Any]:
+    """SIGINT/SIGTERM stop the run with a saved checkpoint (RunInterrupted); the run folder's lock
+    (RunLock) is released however it ends."""
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return finetune(args, stop, cleanup)
+
+
+def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """main's work, inside its signal handlers and cleanup."""
     game = check_args(args)
     device = cql_multigame.select_device(args.device)
     envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
@@ -398,17 +385,20 @@ def main(args: Args) -> dict[str, Any]:
         max_episode_steps=args.max_episode_steps,
     )
     try:
-        return _train(args, game, device, envs)
+        return _train(args, game, device, envs, stop, cleanup)
     finally:
         envs.close()
 
 
-def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, Any]:
+def _train(
+    args: Args, game: str, device: torch.device, envs: Any, stop: StopSignals, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     ckpt = cql_multigame.load_checkpoint(args.checkpoint)
     net, origin = build_network(ckpt, args.checkpoint, game, args.from_scratch, args.seed)
     run_dir = Path(args.runs_dir) / default_run_name(args, game)
     if (run_dir / "summary.json").exists() or (run_dir / "checkpoint.pt").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; pass another --run-name or --seed.")
+    cleanup.enter_context(RunLock(run_dir, "--run-name or --seed"))  # one writer; a writable --runs-dir
     run_args = ckpt.get("args", {}) or {}
     # ours: the C51 default [-10, 10] when the checkpoint's args lack the support
     v_min, v_max = float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0))
@@ -447,7 +437,13 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     evaluations: list[dict[str, Any]] = []
 
     def run_eval(at: int) -> None:
-        result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+        try:
+            with stop.abandonable():  # a signal drops the evaluation, not the training
+                result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+        except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
+            if stop.signum is None:
+                raise
+            return
         result["env_steps"] = at
         evaluations.append(result)
         writer.add_scalar(f"eval/{game}/return", result["mean_return"], at)
@@ -463,9 +459,16 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     episode_return = np.zeros(args.num_envs)
     episode_length = np.zeros(args.num_envs, np.int64)
     recent_returns: list[float] = []
+
+    def save() -> None:
+        saved_args = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
+        state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved_args, [game], {})
+        cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
+
     try:
         if args.eval_every:
             run_eval(0)  # the zero-shot score on the variant
+        stop.abandon = False  # a signal lets the current vector step finish; the loop then saves and stops
         obs, _ = envs.reset()  # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env
         loop_start = time.perf_counter()
         last_log = (loop_start, 0, 0, 0.0)  # time, env steps, updates, eval time
@@ -526,14 +529,34 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
                 eval_time += time.perf_counter() - start
                 while next_eval <= env_steps:
                     next_eval += args.eval_every
+            if stop.signum is not None:
+                save()
+                raise RunInterrupted(
+                    f"interrupted by {stop.name} at {env_steps:,} of {args.total_env_steps:,} env steps: "
+                    f"{run_dir / 'checkpoint.pt'} holds the network after {updates:,} updates; online "
+                    "fine-tuning has no --resume, so rerun with another --run-name or --seed to start over.",
+                    stop.signum,
+                )
+        stop.abandon = True
         train_time = max(time.perf_counter() - loop_start - eval_time, 1e-9)
+        save()  # before the final evaluation, so that an interrupt there keeps the trained network
         run_eval(env_steps)
+        if stop.signum is not None:
+            raise RunInterrupted(
+                f"interrupted by {stop.name} during the final evaluation: {run_dir / 'checkpoint.pt'} holds "
+                f"the network after {updates:,} updates, not evaluated; rerun with another --run-name.",
+                stop.signum,
+            )
+    except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
+        raise RunInterrupted(
+            f"stopped at once by a second {e}, without saving; online fine-tuning has no --resume, rerun "
+            "with another --run-name or --seed.",
+            e.signum,
+        ) from None
     finally:
+        stop.abandon = True
         progress.close()
-
-    saved_args = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
-    state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved_args, [game], {})
-    cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
+        writer.flush()
     summary = {
         "game": game,
         "mode": args.mode,
@@ -568,6 +591,10 @@ def run(args: Args) -> None:
         main(args)
     except (ConfigError, atari.AtariConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (RunInterrupted, Interrupted) as e:
+        cql_multigame.exit_interrupted(e)
+    except OSError as e:
+        cql_multigame.exit_on_disk_error(e)
 
 
 if __name__ == "__main__":
