@@ -28,6 +28,7 @@ import math
 import multiprocessing as mp
 import re
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -457,16 +458,24 @@ class _WorkerSlots:
         bounds = np.linspace(0, n, min(num_workers, n) + 1).round().astype(int)
         self._groups = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         self._conns, self._procs = [], []
-        for lo, hi in self._groups:
-            here, there = ctx.Pipe()
-            proc = ctx.Process(
-                target=_slots_worker, args=(there, self._shared, lo, hi, env_kwargs, list(seeds[lo:hi])),
-                daemon=True,
-            )  # fmt: skip
-            proc.start()
-            there.close()
-            self._conns.append(here)
-            self._procs.append(proc)
+        # A worker starts with SIGINT ignored (the disposition survives exec, and Python keeps it), so a
+        # Ctrl-C while it still imports does not print a traceback; the parent's own handler is back at once.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            for lo, hi in self._groups:
+                here, there = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_slots_worker, args=(there, self._shared, lo, hi, env_kwargs, list(seeds[lo:hi])),
+                    daemon=True,
+                )  # fmt: skip
+                proc.start()
+                there.close()
+                self._conns.append(here)
+                self._procs.append(proc)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
         for k in range(len(self._groups)):
             self._receive(k)
 

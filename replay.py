@@ -1442,7 +1442,7 @@ def record(
             with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_worker_init, initargs=(counter,)
             ) as pool:
-                futures = [pool.submit(_record_one, j) for j in jobs]
+                futures = _submit_ignoring_sigint(pool, jobs)
                 try:
                     while not all(f.done() for f in futures):
                         concurrent.futures.wait(futures, timeout=0.5)
@@ -1462,6 +1462,20 @@ def record(
     finally:
         bar.close()
     return [Path(p) for p in out]
+
+
+def _submit_ignoring_sigint(pool: Any, jobs: list[dict[str, Any]]) -> list[Any]:
+    """Submit the jobs (this starts the workers) with SIGINT ignored for that moment: a worker inherits
+    the ignored disposition, so a Ctrl-C while it still imports prints no traceback (the parent stops it)."""
+    import signal
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        return [pool.submit(_record_one, j) for j in jobs]
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _check_writable(out_dir: Path) -> None:
