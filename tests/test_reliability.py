@@ -502,3 +502,24 @@ def test_exclusions_are_rechecked_on_resume(tmp_path):
     assert "excluded (unreadable while streaming): Pong run 7 checkpoint 3" in plan
     assert r.stats()["excluded_checkpoints"] == 1
     r.close()
+
+
+def _agree_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    d = cql_multigame.Dist(rank=rank, world_size=2)
+    # only rank 1 got the signal; both must stop, at the same agreement
+    agreed = [cql_multigame.agree_to_stop(d, requested=rank == 1 and k == 1) for k in range(3)]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(agreed))
+    dist.destroy_process_group()
+
+
+def test_processes_agree_on_a_stop_that_only_one_of_them_got(tmp_path):
+    """torchrun forwards a signal to every process, but each may see it one step apart: they agree (a MAX
+    all-reduce over gloo) so that all stop at the same step and none waits for a peer that left."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True, False]
