@@ -561,7 +561,7 @@ RESUME_KEYS = ("model", "target", "optimizer", "step", "args", "net_config", "ga
 
 def load_checkpoint(path: str | Path, require: tuple[str, ...] = (), purpose: str = "") -> dict[str, Any]:
     """Load a checkpoint written by this script (weights only, no pickle), with one-sentence errors.
-    `require`: keys needed beyond model, net_config, games and step (e.g. RESUME_KEYS for --resume), named
+    `require`: keys needed beyond model, net_config and games (e.g. RESUME_KEYS for --resume), named
     in the error with `purpose` ("--resume")."""
     path = Path(path)
     if not path.is_file():
@@ -575,7 +575,7 @@ def load_checkpoint(path: str | Path, require: tuple[str, ...] = (), purpose: st
             f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}); "
             "use another checkpoint."
         ) from e
-    missing = {"model", "net_config", "games", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    missing = {"model", "net_config", "games"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise ConfigError(
             f"checkpoint {path} lacks {sorted(missing)}; it was not written by cql_multigame.py."
