@@ -29,6 +29,8 @@ import functools
 import math
 import multiprocessing as mp
 import re
+import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -454,7 +456,12 @@ class _LocalSlots:
 
 
 def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], seeds: Sequence[int]) -> None:
-    """Subprocess of _WorkerSlots: slots lo..hi-1 as a _LocalSlots writing into the shared array."""
+    """Subprocess of _WorkerSlots: slots lo..hi-1 as a _LocalSlots writing into the shared array.
+
+    Ctrl-C reaches the whole process group: the parent decides (the training scripts drop the evaluation
+    and close the workers), so a worker ignores SIGINT instead of dying with a KeyboardInterrupt traceback.
+    It never outlives the parent: a closed pipe ends its loop (EOFError)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     slots = None
     try:
         obs = np.frombuffer(shared, np.uint8).reshape(-1, STACK_SIZE, SCREEN_SIZE, SCREEN_SIZE)[lo:hi]
@@ -462,8 +469,13 @@ def _slots_worker(conn, shared, lo: int, hi: int, env_kwargs: dict[str, Any], se
         conn.send(("ok", None))
         while (msg := conn.recv()) is not None:
             conn.send(("ok", slots.step(*msg)))
+    except (EOFError, BrokenPipeError):
+        pass  # the parent closed the pipe mid-evaluation (it was interrupted, or died): end quietly
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
     finally:
         if slots is not None:
             slots.close()
@@ -486,16 +498,24 @@ class _WorkerSlots:
         bounds = np.linspace(0, n, min(num_workers, n) + 1).round().astype(int)
         self._groups = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
         self._conns, self._procs = [], []
-        for lo, hi in self._groups:
-            here, there = ctx.Pipe()
-            proc = ctx.Process(
-                target=_slots_worker, args=(there, self._shared, lo, hi, env_kwargs, list(seeds[lo:hi])),
-                daemon=True,
-            )  # fmt: skip
-            proc.start()
-            there.close()
-            self._conns.append(here)
-            self._procs.append(proc)
+        # A worker starts with SIGINT ignored (the disposition survives exec, and Python keeps it), so a
+        # Ctrl-C while it still imports does not print a traceback; the parent's own handler is back at once.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            for lo, hi in self._groups:
+                here, there = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_slots_worker, args=(there, self._shared, lo, hi, env_kwargs, list(seeds[lo:hi])),
+                    daemon=True,
+                )  # fmt: skip
+                proc.start()
+                there.close()
+                self._conns.append(here)
+                self._procs.append(proc)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
         for k in range(len(self._groups)):
             self._receive(k)
 

@@ -21,14 +21,21 @@ Read top to bottom: `Args` and the presets, device and distributed set-up, the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import queue
+import shlex
+import shutil
+import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -676,16 +683,59 @@ def tensors_to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a killed process leaves the previous checkpoint intact. Tensors are saved on the
-    CPU (as xm.save does on XLA), so a checkpoint loads anywhere, also without torch_xla or a GPU."""
+    CPU (as xm.save does on XLA), so a checkpoint loads anywhere, also without torch_xla or a GPU.
+
+    The temporary file is unique to this writer (temp_path). A write that fails (full disk, read-only
+    folder, permission) or is interrupted removes it; a failed one raises DiskWriteError, one sentence with
+    the path and the space needed, and the previous checkpoint stays."""
     state = to_cpu(state)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # every process creates the folder it writes into
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = _WriteRecorder(f)
+            torch.save(state, out)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer turns a failed write (ENOSPC) into an opaque RuntimeError: use the OSError
+        error = out.error if out is not None and out.error is not None else e
+        if isinstance(error, OSError):
+            raise disk_error(path, error, _tensor_bytes(state) + 2**20) from None
+        raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by this script (weights only, no pickle), with one-sentence errors."""
+class _WriteRecorder:
+    """A binary file for torch.save that keeps the first OSError of a write (torch reports it only as
+    "enforce fail ... unexpected pos")."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+RESUME_KEYS = ("model", "target", "optimizer", "step", "args", "net_config", "games", "rng", "replay")
+
+
+def load_checkpoint(path: str | Path, require: tuple[str, ...] = (), purpose: str = "") -> dict[str, Any]:
+    """Load a checkpoint written by this script (weights only, no pickle), with one-sentence errors.
+    `require`: keys needed beyond model, net_config and games (e.g. RESUME_KEYS for --resume), named
+    in the error with `purpose` ("--resume")."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -698,10 +748,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}); "
             "use another checkpoint."
         ) from e
-    missing = {"model", "net_config", "games", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    missing = {"model", "net_config", "games"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise ConfigError(
             f"checkpoint {path} lacks {sorted(missing)}; it was not written by cql_multigame.py."
+        )
+    missing = set(require) - set(ckpt)
+    if missing:
+        raise ConfigError(
+            f"checkpoint {path} lacks {sorted(missing)}, which {purpose or 'this script'} needs; use a "
+            "checkpoint written by cql_multigame.py's training loop, or start a new run."
         )
     return ckpt
 
@@ -854,6 +910,7 @@ def parse_checkpoints(spec: str) -> str | list[int]:
 def check_args(args: Args, world_size: int) -> None:
     if args.arch not in resnet.ARCHS:
         raise ConfigError(f"unknown --arch {args.arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
+    check_ranges(args)
     for game in args.games:
         try:
             atari.check_game(game)
@@ -881,15 +938,368 @@ def check_args(args: Args, world_size: int) -> None:
 
 def check_eval_args(args: Any) -> None:
     """The evaluation flags all three scripts share, checked before any training instead of at the first
-    evaluation."""
-    for flag, value in {"--eval-episodes": args.eval_episodes, "--eval-envs": args.eval_envs,
-                        "--eval-max-steps": args.eval_max_steps}.items():  # fmt: skip
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}.")
-    if args.eval_workers < 0:
-        raise ConfigError(f"--eval-workers must be 0 (in this process) or more, got {args.eval_workers}.")
-    if not 0.0 <= args.eval_epsilon <= 1.0:
-        raise ConfigError(f"--eval-epsilon must be a probability in [0, 1], got {args.eval_epsilon}.")
+    evaluation: part of check_ranges (FLAG_RANGES), which checks every numeric flag."""
+    check_ranges(args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability: flag ranges, resume comparisons, one writer per run folder, interrupts, safe writes.
+# Shared by all three training scripts and replay.py's recorder, so a user meets the same one-sentence
+# errors everywhere, before any long work starts.
+# ----------------------------------------------------------------------------------------------------
+
+# flag (Args field) -> (the allowed range in words, the test). Every script checks the fields it has.
+FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{
+        name: ("at least 1", lambda v: v >= 1)
+        for name in (
+            "total_steps total_env_steps batch_size n_step target_update_every log_every save_every "
+            "eval_episodes eval_envs eval_max_steps num_envs train_every max_episode_steps "
+            "num_checkpoints buffer_size windows_per_slot"
+        ).split()
+    },
+    **{name: ("0 or more", lambda v: v >= 0) for name in ("learning_starts", "epsilon_decay_steps")},
+    "eval_every": ("0 (evaluate only at the end) or more", lambda v: v >= 0),
+    "reload_every": ("0 (chosen from --total-steps) or more", lambda v: v >= 0),
+    "eval_workers": ("0 (in this process) or more", lambda v: v >= 0),
+    "num_workers": ("0 (one per game and run) or more", lambda v: v >= 0),
+    "prefetch": ("0 (sample inside the loop) or more", lambda v: v >= 0),
+    "record_missing": ("0 (record nothing) or at least 8 (two 4-frame stacks)", lambda v: v == 0 or v >= 8),
+    "capacity": ("at least 8 (two 4-frame stacks)", lambda v: v >= 8),
+    "seed": ("between 0 and 2**31 - 1", lambda v: 0 <= v < 2**31),
+    "num_atoms": ("at least 2", lambda v: v >= 2),
+    **{name: ("above 0", lambda v: v > 0) for name in ("lr", "adam_eps", "memory_budget_gb")},
+    **{name: ("0 or more", lambda v: v >= 0) for name in ("cql_alpha", "td_weight")},
+    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
+    **{
+        name: ("a probability in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("eval_epsilon", "epsilon", "epsilon_start", "epsilon_end", "sticky_actions")
+    },
+}
+
+
+def flag_name(field: str) -> str:
+    """Args field -> its command-line flag (tyro's spelling): total_steps -> --total-steps."""
+    return "--" + field.replace("_", "-")
+
+
+def check_ranges(args: Any) -> None:
+    """The one range check of every numeric flag (FLAG_RANGES) that `args` has, for all three training
+    scripts and the recorder, run before any data load, recording or network build. Raises ConfigError with
+    one sentence naming the flag and its allowed range."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in FLAG_RANGES or value is None or isinstance(value, bool):
+            continue
+        allowed, ok = FLAG_RANGES[field.name]
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (finite and ok(value)):
+            flag = flag_name(field.name)
+            raise ConfigError(f"{flag} must be {allowed}, got {flag} {value}.")
+    if getattr(args, "cql_alpha", None) == 0 and getattr(args, "td_weight", None) == 0:
+        raise ConfigError(
+            "--cql-alpha and --td-weight are both 0, so the loss is 0 and nothing trains; set at least one "
+            "above 0 (--td-weight 0 --cql-alpha 1 is behavior cloning)."
+        )
+
+
+# Flags that may differ on --resume: where things are and how the run is watched, speed switches that do not
+# change the math, the length of the run, and the optimizer's lr/eps (applied to the restored Adam). Every
+# other field of Args defines the run (network shape, data, objective, seed) and must match the checkpoint.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "run_name", "runs_dir", "data_dir", "device", "xla_multiprocess", "prefetch", "record_missing",
+    "total_steps", "lr", "adam_eps", "log_every", "save_every", "save_all_ranks", "xla_metrics",
+    "eval_every", "eval_episodes", "eval_envs", "eval_workers", "eval_epsilon", "eval_max_steps",
+    "channels_last", "compile",
+})  # fmt: skip
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def compare_resume_args(saved: dict[str, Any], args: Any) -> list[str]:
+    """The run-defining flags of `args` that differ from the checkpoint's `saved` args, as
+    "--flag new (the run used old)". A field the checkpoint lacks (a flag added later) counts as its
+    default. Fields in RESUME_MAY_CHANGE are not compared."""
+    diffs = []
+    for field in dataclasses.fields(args):
+        if field.name in RESUME_MAY_CHANGE:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        old, new = saved.get(field.name, default), getattr(args, field.name)
+        if not _same(old, new):
+            diffs.append(f"{flag_name(field.name)} {_show(new)} (the run used {_show(old)})")
+    return diffs
+
+
+def check_resume(ckpt: dict[str, Any], args: Args, run_dir: Path) -> None:
+    """--resume continues the same experiment: one sentence naming every run-defining flag that differs
+    from the checkpoint's, and a --total-steps the run has already passed."""
+    diffs = compare_resume_args(ckpt["args"], args)
+    if diffs:
+        raise ConfigError(
+            f"--resume would change the run {run_dir}: {', '.join(diffs)}; pass the run's values (only "
+            "where the run lives, its length, --lr/--adam-eps, speed, logging, saving and evaluation flags "
+            "may change, see the README), or start a new run with another --run-name."
+        )
+    if args.total_steps < int(ckpt["step"]):
+        raise ConfigError(
+            f"--total-steps {args.total_steps:,} is below the step the run {run_dir} has reached "
+            f"({int(ckpt['step']):,}); pass --total-steps {int(ckpt['step']):,} or more."
+        )
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, lr: float, eps: float) -> list[str]:
+    """Set lr and eps of a restored optimizer (load_state_dict brings back the saved ones), so that the run
+    trains with the values it records. Returns what changed, as "--lr new (was old)"."""
+    changed = []
+    for key, flag, value in (("lr", "--lr", lr), ("eps", "--adam-eps", eps)):
+        old = optimizer.param_groups[0][key]
+        if old != value:
+            changed.append(f"{flag} {value} (was {old})")
+        for group in optimizer.param_groups:
+            group[key] = value
+    return changed
+
+
+class DiskWriteError(ConfigError):
+    """A write that failed (full disk, read-only folder, missing permission): one sentence with the path and
+    the space it needs; the partial temporary file is gone and the previous file is unchanged."""
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` unique to this writer (host and process), so that two writers never
+    share one (replay.py's recorder uses the same rule)."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def disk_error(path: Path, error: OSError, need_bytes: int | None) -> DiskWriteError:
+    """One sentence for a failed write of `path`: the reason, the space needed and free, what is kept."""
+    reason = error.strerror or type(error).__name__
+    space = ""
+    if need_bytes is not None:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free"
+        except OSError:
+            free = "no free space we could read"
+        space = f" it needs about {need_bytes / 2**20:,.1f} MB and {path.parent} has {free};"
+    kept = f"{path} is unchanged" if path.exists() else f"no {path.name} was written"
+    return DiskWriteError(
+        f"could not write {path} ({reason}):{space} {kept}; free space or pass a writable folder, then rerun."
+    )
+
+
+class RunLock:
+    """One run folder, one writer: an exclusive flock on <run_dir>/run.lock, held for the whole run.
+
+    The file holds the owner's pid, host and command (for the message a second process prints); the kernel
+    drops the flock when its owner exits or is killed, so a lock file left by a dead process never blocks
+    (no pid guessing, also on a shared filesystem with working locks). Taking the lock is also the check
+    that the run folder is writable, before any data is loaded. release() deletes the file while still
+    holding the lock, and acquire() retries if the file it locked was deleted meanwhile, so two processes
+    can never both believe they hold it.
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: str | Path, flag: str = "--run-name"):
+        self.run_dir, self.path, self.flag = Path(run_dir), Path(run_dir) / self.NAME, flag
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        try:
+            self._created_dir = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    owner = os.read(fd, 4096).decode(errors="replace")
+                    os.close(fd)
+                    raise ConfigError(
+                        f"{self.run_dir} is in use by another process ({self._describe(owner)}); wait for it "
+                        f"to finish, or pass another {self.flag}."
+                    ) from None
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)  # released and deleted while we waited for it: take the new file
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": started,
+                     "command": " ".join(sys.argv)}  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(owner).encode())
+        except OSError as e:
+            raise DiskWriteError(
+                f"cannot write in the run folder {self.run_dir} ({e.strerror or type(e).__name__}); pass a "
+                "writable --runs-dir."
+            ) from None
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _describe(owner: str) -> str:
+        try:
+            o = json.loads(owner)
+            return f"pid {o['pid']} on {o['host']}, started {o['started']}: {o['command']}"
+        except (ValueError, KeyError, TypeError):
+            return "its lock file is being written"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+            if self._created_dir and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # a run that stopped before writing anything leaves no empty folder
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived where the work can be dropped (data load, evaluation, a second signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunInterrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM; the message is the one line to print (what was saved, how to go
+    on). The scripts' run() prints it and exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) as a stop request, inside `with StopSignals()`.
+
+    While `abandon` is True (start-up, data load, evaluation) a signal raises Interrupted at once: that work
+    is dropped. In the training loop the scripts set abandon False: the signal only sets `signum`, the
+    current step finishes, and the loop saves a checkpoint and stops. A second signal always raises at once
+    (the step it cuts is not saved). Outside the main thread (e.g. torch_xla's launcher threads) nothing is
+    installed and `signum` stays None.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.abandon = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if self.abandon or not first:
+            raise Interrupted(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @contextlib.contextmanager
+    def abandonable(self):
+        """Work inside may be dropped by a signal (evaluation): it raises Interrupted, also if one came
+        before."""
+        previous, self.abandon = self.abandon, True
+        try:
+            if self.signum is not None:
+                raise Interrupted(self.signum)
+            yield
+        finally:
+            self.abandon = previous
+
+
+def agree_to_stop(d: Dist, requested: bool) -> bool:
+    """Every process stops at the same step: True if any process got a signal. One process: no
+    communication. DDP: a MAX all-reduce of one integer over a gloo group (host memory, no GPU sync);
+    XLA: torch_xla's mesh_reduce (host values)."""
+    if d.world_size == 1:
+        return requested
+    if d.xla:
+        import torch_xla.core.xla_model as xm
+
+        return bool(xm.mesh_reduce("stop_signal", int(requested), max))
+    global _STOP_GROUP
+    if _STOP_GROUP is None:
+        _STOP_GROUP = dist.new_group(backend="gloo")
+    flag = torch.tensor([int(requested)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_STOP_GROUP)
+    return bool(flag.item())
+
+
+_STOP_GROUP = None
+STOP_AGREE_EVERY = 10  # ours: steps between the processes' agreement on a stop request (DDP/XLA only)
+
+
+def stop_requested(stop: StopSignals, d: Dist, step: int, evaluated: bool) -> bool:
+    """After a finished step: stop now? One process: as soon as a signal came. Several: all agree every
+    STOP_AGREE_EVERY steps and after every evaluation (where they all wait anyway), so that they all stop
+    at the same step and no one waits for a peer that left."""
+    if d.world_size == 1:
+        return stop.signum is not None
+    if step % STOP_AGREE_EVERY and not evaluated:
+        return False
+    if agree_to_stop(d, stop.signum is not None):
+        stop.signum = stop.signum or signal.SIGTERM  # a peer got it (torchrun forwards to every process)
+        return True
+    return False
+
+
+def resume_command(run_dir: Path, script: str) -> str:
+    """The command that continues `run_dir`: this process's own command line with --resume and --run-name
+    (as `python script ...` when it was started another way, e.g. from a test)."""
+    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == script else ["..."]
+    if "--resume" not in argv:
+        argv = [*argv, "--resume"]
+    if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
+        argv = [*argv, "--run-name", run_dir.name]
+    return " ".join(["python", script, *(shlex.quote(a) if a != "..." else a for a in argv)])
 
 
 def record_missing_games(args: Args) -> None:
@@ -1052,10 +1462,17 @@ def all_finite(net: torch.nn.Module, step: int) -> bool:
 
 
 def main(args: Args) -> dict[str, Any]:
+    """Train one run (`train_run`): SIGINT/SIGTERM end it with a checkpoint and RunInterrupted (StopSignals),
+    and the run folder's lock (RunLock) is released however it ends. --plan-only prints the data plan."""
     if args.plan_only:  # needs no data, no device
         check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
         print(replay_plan(args, int(os.environ.get("WORLD_SIZE", "1"))))
         return {}
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return train_run(args, stop, cleanup)
+
+
+def train_run(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     init_xla_runtime(args)
     device = select_device(args.device)
     d = setup_distributed(device)
@@ -1070,7 +1487,7 @@ def main(args: Args) -> dict[str, Any]:
                 f"--resume found no checkpoint at {ckpt_path}; start the run without --resume "
                 "or pass the --run-name of an earlier run."
             )
-        resume_ckpt = load_checkpoint(ckpt_path)
+        resume_ckpt = load_checkpoint(ckpt_path, require=RESUME_KEYS, purpose="--resume")
         if resume_ckpt["net_config"]["arch"] != args.arch:
             raise ConfigError(
                 f"{ckpt_path} holds a {resume_ckpt['net_config']['arch']} network but --arch is "
@@ -1078,11 +1495,14 @@ def main(args: Args) -> dict[str, Any]:
             )
         if list(resume_ckpt["games"]) != list(args.games):
             raise ConfigError(f"{ckpt_path} was trained on other --games; resume with the same games.")
+        check_resume(resume_ckpt, args, run_dir)
     elif ckpt_path.exists():
         raise ConfigError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it or another "
             "--run-name to start a new run."
         )
+    if d.main:  # one writer per run folder; also finds an unwritable --runs-dir before the data load
+        cleanup.enter_context(RunLock(run_dir))
 
     if args.record_missing > 0 and d.main:
         record_missing_games(args)
@@ -1106,8 +1526,6 @@ def main(args: Args) -> dict[str, Any]:
         rank=d.rank,
         world_size=d.world_size,
     )
-    if d.main:
-        print(data.plan_summary())
 
     net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
     target_net = resnet.QNetwork(**net.config()).to(device)
@@ -1120,10 +1538,15 @@ def main(args: Args) -> dict[str, Any]:
         net.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         step = int(resume_ckpt["step"])
+        changed = apply_optimizer_settings(optimizer, args.lr, args.adam_eps)  # train with what is recorded
+        if changed and d.main:
+            print(f"resuming at step {step:,} with {', '.join(changed)}: applied to the restored Adam")
         data.load_state_dict(
             resume_ckpt["replay"] if d.rank == 0 else load_rank_replay_state(run_dir, d.rank, step)
         )
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
+    if d.main:  # after a resume: with the checkpoints excluded so far (re-checked by load_state_dict)
+        print(data.plan_summary())
     if d.xla and not d.spmd and d.world_size > 1:
         import torch_xla.core.xla_model as xm
 
@@ -1149,6 +1572,7 @@ def main(args: Args) -> dict[str, Any]:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_ckpt is not None else None)
+        cleanup.callback(writer.close)  # flushed also when the run stops early
         if resume_ckpt is not None:
             drop_history_after(run_dir / "metrics.jsonl", step)
         write_hyperparameters(writer, args)
@@ -1174,10 +1598,12 @@ def main(args: Args) -> dict[str, Any]:
             total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0
         )
 
-    def save(at_step: int) -> None:
+    last_good = [step if resume_ckpt is not None else None]  # step of the newest good checkpoint
+
+    def save(at_step: int) -> bool:
         # one small graph and one host sync (not one per parameter tensor)
         if not all_finite(net, at_step):
-            return  # never overwrite the last good checkpoint with a broken network
+            return False  # never overwrite the last good checkpoint with a broken network
         if not d.main:  # every other rank keeps its own sampler state beside the checkpoint
             save_checkpoint(
                 run_dir / f"replay_state_rank{d.rank}.pt", {"step": at_step, "replay": replay_state}
@@ -1187,7 +1613,15 @@ def main(args: Args) -> dict[str, Any]:
                 net, target_net, optimizer, at_step, dataclasses.asdict(args), args.games, replay_state
             )
             save_checkpoint(ckpt_path, state)
+        last_good[0] = at_step
+        return True
 
+    def last_good_text() -> str:
+        if last_good[0] is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {ckpt_path} (step {last_good[0]:,})"
+
+    stop.abandon = False  # from here a signal lets the current step finish, then the loop saves and stops
     try:
         while step < args.total_steps:
             batch, replay_state = stream.next()
@@ -1206,7 +1640,8 @@ def main(args: Args) -> dict[str, Any]:
             if step % args.log_every == 0 or step == args.total_steps:
                 values = fetch_metrics(
                     metrics, f"at step {step}",
-                    f"the last good checkpoint stays at {ckpt_path}; lower --lr or check the data.",
+                    f"{last_good_text()}; lower --lr (--resume applies it to the restored Adam) or check "
+                    "the data.",
                 )  # fmt: skip
                 if d.main:
                     now = time.perf_counter()
@@ -1215,6 +1650,7 @@ def main(args: Args) -> dict[str, Any]:
                     last_log = (now, step, stream.wait_time)
                     log_training(writer, values, step, sps, history_path)
                     writer.add_scalar("charts/data_wait_fraction", wait, step)
+                    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
                     for k, v in data.stats().items():
                         if isinstance(v, (int, float)):
                             writer.add_scalar(f"replay/{k}", v, step)
@@ -1224,16 +1660,42 @@ def main(args: Args) -> dict[str, Any]:
                 if args.xla_metrics and device.type == "xla":
                     (progress.write if progress is not None else print)(xla_metrics_line(step, d.rank))
 
-            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+            evaluated = bool(args.eval_every and step % args.eval_every == 0 and step < args.total_steps)
+            if evaluated:
                 if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
-                    result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
-                if d.main:
-                    log_evaluation(writer, result, step)
-                    progress.write(format_summary(result, step))
+                    try:
+                        with stop.abandonable():  # a signal drops this evaluation, not the training
+                            result = evaluate_games(
+                                net, args.games, support, device, args, seed=args.seed + step
+                            )
+                        if d.main:
+                            log_evaluation(writer, result, step)
+                            progress.write(format_summary(result, step))
+                    except Exception:  # e.g. an env worker killed by the same SIGTERM
+                        if stop.signum is None:
+                            raise
                 d.barrier()
             if step % args.save_every == 0 or step == args.total_steps:
                 save(step)
+            if stop_requested(stop, d, step, evaluated):
+                saved = last_good[0] == step or save(step)
+                what = (
+                    f"checkpoint saved to {ckpt_path}" if saved
+                    else f"the network is not finite, not saved; {last_good_text()}"
+                )  # fmt: skip
+                raise RunInterrupted(
+                    f"interrupted by {stop.name} at step {step:,} of {args.total_steps:,}: {what}; resume "
+                    f"with: {resume_command(run_dir, 'cql_multigame.py')}",
+                    stop.signum,
+                )
+    except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
+        raise RunInterrupted(
+            f"stopped at once by a second {signal.Signals(e.signum).name} (at step {step:,}), without "
+            f"saving; {last_good_text()}; resume with: {resume_command(run_dir, 'cql_multigame.py')}",
+            e.signum,
+        ) from None
     finally:
+        stop.abandon = True
         stream.close()
         data.close()
         if progress is not None:
@@ -1246,7 +1708,15 @@ def main(args: Args) -> dict[str, Any]:
         games_seen = torch.from_numpy(np.stack(stream.games_seen))  # [steps, per-rank batch]
         torch.save({"games": games_seen}, run_dir / f"batch_games_rank{d.rank}.pt")
     if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
-        result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+        try:
+            with stop.abandonable():
+                result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
+        except Interrupted as e:
+            raise RunInterrupted(
+                f"interrupted by {signal.Signals(e.signum).name} during the final evaluation; "
+                f"{last_good_text()}; evaluate it with: {resume_command(run_dir, 'cql_multigame.py')}",
+                e.signum,
+            ) from None
     if d.main:
         log_evaluation(writer, result, step)
         writer.close()
@@ -1300,6 +1770,31 @@ def run(args: Args) -> None:
             main(args)
     except (ConfigError, replay.ReplayDataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (RunInterrupted, Interrupted) as e:
+        exit_interrupted(e)
+    except OSError as e:
+        exit_on_disk_error(e)
+
+
+def exit_on_disk_error(e: OSError) -> None:
+    """A write outside the checkpoint save (logs, summary) that the disk refused: one line, not a
+    traceback. Other OSErrors are bugs or unexpected: they keep their traceback."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        raise e
+    sys.exit(f"error: could not write {e.filename or 'a file'} ({e.strerror}); free space or pass a writable "
+             "--runs-dir, then rerun (with --resume if a checkpoint was written).")  # fmt: skip
+
+
+def exit_interrupted(e: RunInterrupted | Interrupted) -> None:
+    """The one line of an interrupted run on stderr, then exit with 128 + the signal number (130 for
+    SIGINT, 143 for SIGTERM, as a shell reports a process killed by it)."""
+    if isinstance(e, Interrupted):  # outside the training loop (data load, set-up): nothing to save
+        e = RunInterrupted(
+            f"interrupted by {e} outside the training steps; checkpoints written so far are kept.", e.signum
+        )
+    sys.stderr.flush()
+    print(f"\n{e}", file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ is short; cql_multigame.py has both). Values our sources do not state are marked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -37,7 +38,7 @@ import atari
 import cql_multigame
 import replay
 import resnet
-from cql_multigame import ConfigError
+from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, StopSignals
 
 
 @dataclass
@@ -152,12 +153,8 @@ def check_args(args: Args) -> str:
         )
     if args.arch and args.arch not in resnet.ARCHS:
         raise ConfigError(f"unknown --arch {args.arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
-    if not 0.0 < args.fraction <= 1.0:
-        raise ConfigError(f"--fraction {args.fraction} must be in (0, 1].")
-    if args.batch_size < 1 or args.total_steps < 1:
-        raise ConfigError("--batch-size and --total-steps must be at least 1.")
+    cql_multigame.check_ranges(args)  # every numeric flag, the same rules as the other scripts
     cql_multigame.parse_checkpoints(args.checkpoints)
-    cql_multigame.check_eval_args(args)
     return game
 
 
@@ -244,8 +241,12 @@ def train(
     support: torch.Tensor,
     device: torch.device,
     run_dir: Path,
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
-    """C51 + CQL on one game's data (cql_multigame.compute_loss), periodic and final evaluation."""
+    """C51 + CQL on one game's data (cql_multigame.compute_loss), periodic and final evaluation.
+    With `stop` (main's), SIGINT/SIGTERM finish the current step, save the checkpoint and raise
+    RunInterrupted; a signal during an evaluation drops it."""
+    stop = stop or StopSignals()  # not entered: no handlers, never set
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -272,6 +273,18 @@ def train(
         )
         cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
 
+    def abandonable_evaluation(at_step: int) -> dict[str, Any] | None:
+        try:
+            with stop.abandonable():
+                return cql_multigame.evaluate_games(
+                    net, [game], support, device, args, seed=args.seed + at_step
+                )
+        except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
+            if stop.signum is None:
+                raise
+            return None
+
+    stop.abandon = False  # a signal lets the current step finish; the loop then saves and stops
     try:
         for step in range(1, args.total_steps + 1):
             batch, replay_state = stream.next()
@@ -296,20 +309,42 @@ def train(
                     loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
                 )
             if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-                result = cql_multigame.evaluate_games(
-                    net, [game], support, device, args, seed=args.seed + step
-                )
-                cql_multigame.log_evaluation(writer, result, step)
-                progress.write(final_line(game, result["games"][game], step, variant(args)))
-            if step % args.save_every == 0 or step == args.total_steps:
+                result = abandonable_evaluation(step)
+                if result is not None:
+                    cql_multigame.log_evaluation(writer, result, step)
+                    progress.write(final_line(game, result["games"][game], step, variant(args)))
+            saved = step % args.save_every == 0 or step == args.total_steps
+            if saved:
                 save(step)
+            if stop.signum is not None:
+                if not saved:
+                    save(step)
+                raise RunInterrupted(
+                    f"interrupted by {stop.name} at step {step:,} of {args.total_steps:,}: "
+                    f"{run_dir / 'checkpoint.pt'} holds the network at step {step:,}; fine-tuning runs have "
+                    "no --resume, so rerun with another --run-name to start over.",
+                    stop.signum,
+                )
+    except Interrupted as e:  # a second signal inside a step (or a save): that step is not saved
+        raise RunInterrupted(
+            f"stopped at once by a second {e}, without saving the step it cut; fine-tuning runs have no "
+            "--resume, rerun with another --run-name.",
+            e.signum,
+        ) from None
     finally:
+        stop.abandon = True
         stream.close()
         progress.close()
+        writer.flush()
 
-    result = cql_multigame.evaluate_games(
-        net, [game], support, device, args, seed=args.seed + args.total_steps
-    )
+    result = abandonable_evaluation(args.total_steps)
+    if result is None:
+        raise RunInterrupted(
+            f"interrupted by {stop.name} during the final evaluation: {run_dir / 'checkpoint.pt'} holds the "
+            f"trained network (step {args.total_steps:,}), not evaluated; fine-tuning runs have no --resume, "
+            "rerun with another --run-name.",
+            stop.signum,
+        )
     cql_multigame.log_evaluation(writer, result, args.total_steps)
     writer.close()
     summary = {"game": game, "variant": variant(args), "init": describe(args), "step": args.total_steps}
@@ -347,7 +382,15 @@ def compare_table(fine: dict[str, Any], scratch: dict[str, Any], transitions: in
 
 
 def main(args: Args) -> dict[str, Any]:
-    """Fine-tune (or train from scratch, or both with --compare); returns the summary of each run."""
+    """Fine-tune (or train from scratch, or both with --compare); returns the summary of each run.
+    SIGINT/SIGTERM stop it with a saved checkpoint (RunInterrupted); the run folder's lock (RunLock) is
+    released however it ends."""
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return finetune(args, stop, cleanup)
+
+
+def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """main's work, inside its signal handlers and cleanup."""
     game = check_args(args)
     device = cql_multigame.select_device(args.device)
     ckpt = load_source(args, game)
@@ -363,6 +406,7 @@ def main(args: Args) -> dict[str, Any]:
     for _, run_dir in plans:
         if (run_dir / "checkpoint.pt").exists():
             raise ConfigError(f"{run_dir} already holds a checkpoint; pass another --run-name.")
+    cleanup.enter_context(RunLock(base))  # one writer; an unwritable --runs-dir is found before the data load
 
     defaults = cql_multigame.Args()  # the pre-training support when the checkpoint does not record it
     ckpt_args = ckpt["args"] if ckpt is not None else {}
@@ -400,7 +444,7 @@ def main(args: Args) -> dict[str, Any]:
                 f"{describe(run_args)}: {net.arch}, {counts['total'] / 1e6:.2f}M parameters "
                 f"({trained / 1e6:.2f}M trained) on {device}; logs and checkpoint in {run_dir}"
             )
-            summaries.append(train(run_args, net, data, game, support, device, run_dir))
+            summaries.append(train(run_args, net, data, game, support, device, run_dir, stop))
             print(final_line(game, summaries[-1], run_args.total_steps, variant(run_args)))
     finally:
         data.close()
@@ -419,6 +463,10 @@ def run(args: Args) -> None:
         main(args)
     except (ConfigError, replay.ReplayDataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (RunInterrupted, Interrupted) as e:
+        cql_multigame.exit_interrupted(e)
+    except OSError as e:
+        cql_multigame.exit_on_disk_error(e)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Read top to bottom: `Args`, the network set-up, the replay helpers (`add_to_buff
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -45,7 +46,7 @@ import atari
 import cql_multigame
 import replay
 import resnet
-from cql_multigame import ConfigError
+from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, StopSignals
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -174,30 +175,7 @@ def check_args(args: Args) -> str:
         game = atari.check_game(args.game)
     except atari.AtariConfigError as e:
         raise ConfigError(str(e)) from e
-    positive = {
-        "--total-env-steps": args.total_env_steps,
-        "--num-envs": args.num_envs,
-        "--train-every": args.train_every,
-        "--batch-size": args.batch_size,
-        "--n-step": args.n_step,
-        "--target-update-every": args.target_update_every,
-        "--max-episode-steps": args.max_episode_steps,
-        "--log-every": args.log_every,
-    }
-    for flag, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}.")
-    for flag, value in {"--learning-starts": args.learning_starts, "--eval-every": args.eval_every,
-                        "--epsilon-decay-steps": args.epsilon_decay_steps,
-                        "--save-every": args.save_every}.items():  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"{flag} must be 0 or more, got {value}.")
-    for flag, value in {"--epsilon-start": args.epsilon_start, "--epsilon-end": args.epsilon_end}.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{flag} must be a probability in [0, 1], got {value}.")
-    cql_multigame.check_eval_args(args)
-    if not 0.0 < args.gamma <= 1.0 or args.cql_alpha < 0.0 or args.lr <= 0.0:
-        raise ConfigError("--gamma must be in (0, 1], --cql-alpha 0 or more and --lr positive.")
+    cql_multigame.check_ranges(args)  # every numeric flag, the same rules as the other scripts
     if args.buffer_size // args.num_envs < MIN_BUFFER_PER_ENV:
         raise ConfigError(
             f"--buffer-size {args.buffer_size} gives each of the {args.num_envs} envs fewer than "
@@ -477,6 +455,14 @@ def default_run_name(args: Args, game: str) -> str:
 
 
 def main(args: Args) -> dict[str, Any]:
+    """SIGINT/SIGTERM stop the run with a saved checkpoint (RunInterrupted); the run folder's lock
+    (RunLock) is released however it ends."""
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        return finetune(args, stop, cleanup)
+
+
+def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """main's work, inside its signal handlers and cleanup."""
     game = check_args(args)
     device = cql_multigame.select_device(args.device)
     envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
@@ -489,18 +475,21 @@ def main(args: Args) -> dict[str, Any]:
         max_episode_steps=args.max_episode_steps,
     )
     try:
-        return _train(args, game, device, envs)
+        return _train(args, game, device, envs, stop, cleanup)
     finally:
         envs.close()
 
 
-def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, Any]:
+def _train(
+    args: Args, game: str, device: torch.device, envs: Any, stop: StopSignals, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     ckpt = cql_multigame.load_checkpoint(args.checkpoint)
     net, origin = build_network(ckpt, args.checkpoint, game, args.from_scratch, args.seed)
     run_dir = Path(args.runs_dir) / default_run_name(args, game)
     state_path = run_dir / "checkpoint.pt"
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; pass another --run-name or --seed.")
+    cleanup.enter_context(RunLock(run_dir, "--run-name or --seed"))  # one writer; a writable --runs-dir
     resume = None
     if args.resume:
         if not state_path.is_file():
@@ -562,7 +551,13 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
     evaluations: list[dict[str, Any]] = [] if resume is None else list(resume["online"]["evaluations"])
 
     def run_eval(at: int) -> None:
-        result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+        try:
+            with stop.abandonable():  # a signal drops the evaluation, not the training
+                result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+        except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
+            if stop.signum is None:
+                raise
+            return
         result["env_steps"] = at
         evaluations.append(result)
         writer.add_scalar(f"eval/{game}/return", result["mean_return"], at)
@@ -605,9 +600,12 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
             old.unlink()
         saves += 1
 
+    resume_with = f"resume with: {cql_multigame.resume_command(run_dir, 'finetune_online.py')}"
+
     try:
         if args.eval_every and resume is None:
             run_eval(0)  # the zero-shot score on the variant
+        stop.abandon = False  # a signal lets the current vector step finish; the loop then saves and stops
         # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env (after a resume: new seeds, new episodes)
         obs, _ = envs.reset(seed=None if resume is None else args.seed + 100_003 * resumes)
         loop_start = time.perf_counter()
@@ -676,14 +674,37 @@ def _train(args: Args, game: str, device: torch.device, envs: Any) -> dict[str, 
                 while next_save <= env_steps:
                     next_save += args.save_every
                 save_state()
+            if stop.signum is not None:
+                save_state()
+                raise RunInterrupted(
+                    f"interrupted by {stop.name} at {env_steps:,} of {args.total_env_steps:,} env steps: "
+                    f"saved to {state_path} (network, replay, counters); {resume_with}",
+                    stop.signum,
+                )
+        stop.abandon = True
         train_time = max(time.perf_counter() - loop_start - eval_time, 1e-9)
+        # the final network (a cql_multigame.py checkpoint with one head) and its replay, saved before the
+        # final evaluation so that an interrupt there keeps it (and --resume goes straight to that evaluation)
+        save_state()
         run_eval(env_steps)
+        if stop.signum is not None:
+            raise RunInterrupted(
+                f"interrupted by {stop.name} during the final evaluation: {state_path} holds the network "
+                f"after {updates:,} updates, not evaluated; {resume_with}",
+                stop.signum,
+            )
         if logger is not None:
             logger.final()
+    except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
+        raise RunInterrupted(
+            f"stopped at once by a second {e}, without saving; the last save is {state_path} if it exists; "
+            f"{resume_with}",
+            e.signum,
+        ) from None
     finally:
+        stop.abandon = True
         progress.close()
-
-    save_state()  # the final network (a cql_multigame.py checkpoint with one head) and its replay
+        writer.flush()
     summary = {
         "game": game,
         "mode": args.mode,
@@ -718,6 +739,10 @@ def run(args: Args) -> None:
         main(args)
     except (ConfigError, atari.AtariConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (RunInterrupted, Interrupted) as e:
+        cql_multigame.exit_interrupted(e)
+    except OSError as e:
+        cql_multigame.exit_on_disk_error(e)
 
 
 if __name__ == "__main__":

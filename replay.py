@@ -106,6 +106,32 @@ class ReplayDataError(ValueError):
     """A problem with replay data or replay flags that the user can fix; the message says how."""
 
 
+class ReplayWriteError(ReplayDataError):
+    """A write of replay files that failed (full disk, read-only folder, permission): one sentence with the
+    path and the space needed; the partial temporary files are removed and earlier files are unchanged."""
+
+
+def _temp_path(path: Path) -> Path:
+    """A temporary name beside `path` unique to this writer (host and process), as cql_multigame.temp_path."""
+    import socket
+
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _write_error(path: Path, error: OSError, need_bytes: int) -> ReplayWriteError:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free"
+    except OSError:
+        free = "no free space we could read"
+    return ReplayWriteError(
+        f"could not write {path} ({error.strerror or type(error).__name__}): it needs up to "
+        f"{need_bytes / 2**20:,.1f} MB and {path.parent} has {free}; earlier files there are unchanged and "
+        "the partial ones were removed; free space or pass another --out-dir."
+    )
+
+
 class Batch(NamedTuple):
     obs: np.ndarray  # uint8 [B, 4, 84, 84], oldest frame first
     action: np.ndarray  # int64 [B], full-action-set id 0..17
@@ -289,16 +315,29 @@ def write_checkpoint(
     if invalid_range is None:
         invalid_range = dopamine_invalid_range(add_count % capacity, capacity, 1)
     arrays |= {"add_count": np.array(add_count, np.int64), "invalid_range": np.asarray(invalid_range)}
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    for name, arr in arrays.items():
-        file_name = STORE_PREFIX + name if name in _STORE else name
-        path = _path(directory, file_name, suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz:
-            # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
-            # (np.ascontiguousarray would make it shape (1,), and their sampling then crashes)
-            np.save(gz, arr if arr.ndim == 0 else np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)  # a killed writer never leaves a half file under the real name
+    # All six files go to temporary names unique to this writer first, then replace the real names: a
+    # killed writer never leaves a half file under a real name, and a failed write (full disk) leaves the
+    # previous checkpoint's files as they were.
+    paths = {n: _path(directory, STORE_PREFIX + n if n in _STORE else n, suffix) for n in arrays}
+    tmps = {n: _temp_path(p) for n, p in paths.items()}
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, arr in arrays.items():
+            with (
+                open(tmps[name], "wb") as fh,
+                gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz,
+            ):
+                # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
+                # (np.ascontiguousarray would make it shape (1,), and their sampling then crashes)
+                np.save(gz, arr if arr.ndim == 0 else np.ascontiguousarray(arr), allow_pickle=False)
+        for name in arrays:
+            os.replace(tmps[name], paths[name])
+    except BaseException as e:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(paths["observation"], e, sum(a.nbytes for a in arrays.values())) from None
+        raise
 
 
 def _scan_suffixes(directory: Path) -> dict[int, set[str]]:
@@ -958,6 +997,8 @@ class MultiGameReplay:
         self._job: _Job | None = None
         self._infos: dict[tuple[int, int, int], CheckpointInfo] = {}
         self._excluded: set[tuple[int, int, int]] = set()
+        self._readmitted: list[tuple[int, int, int]] = []  # excluded before a resume, readable again
+        self._warned_terminal = False
         self._packed: dict[tuple[int, frozenset], list[list[Piece]]] = {}  # _pack()'s sets, cached
         self._stats = {"reloads": 0, "reload_waits": 0, "reload_wait_s": 0.0, "excluded_checkpoints": 0}
 
@@ -1164,6 +1205,7 @@ class MultiGameReplay:
                 f"{legal} legal actions ({int(small['action'][bad[0]])} at index {int(bad[0])}): is this "
                 "another game's data?"
             )
+        self._check_reward_terminal(small["reward"], small["terminal"], d, s)
         frames = self._frames_arena[at : at + vhi - vlo]  # [vhi - vlo, 84, 84]
         a, b = max(vlo, 0), min(vhi, C)  # rows read from the file
         with _GzipNpy(_path(d, STORE_PREFIX + "observation", s), self._stop) as f:
@@ -1189,6 +1231,27 @@ class MultiGameReplay:
         self._return[rows], self._discount[rows], self._next[rows] = ret, discount, length
         ok &= (i - (STACK - 1) >= vlo) & (i + self.n_step < vhi)  # stack and n-step window are loaded
         return vhi - vlo, at + (i[ok] - vlo)
+
+    def _check_reward_terminal(self, reward: np.ndarray, terminal: np.ndarray, d: Path, s: int) -> None:
+        """NaN or inf rewards would poison every target that sums them: the file is refused (at start-up
+        the run stops; in the background the checkpoint is excluded). Terminal values other than 0/1 are
+        read as "episode ended" (nonzero, as Dopamine does): a warning, once per sampler."""
+        bad = np.flatnonzero(~np.isfinite(reward))
+        if len(bad):
+            raise ReplayDataError(
+                f"{_path(d, STORE_PREFIX + 'reward', s)} holds {len(bad):,} non-finite rewards (row "
+                f"{bad[0]}: {reward[bad[0]]}); DQN-Replay rewards are clipped to [-1, 1]: re-download or "
+                "re-record it."
+            )
+        if terminal.max(initial=0) > 1 and not self._warned_terminal:
+            self._warned_terminal = True
+            odd = sorted(set(np.unique(terminal).tolist()) - {0, 1})
+            warnings.warn(
+                f"replay: {_path(d, STORE_PREFIX + 'terminal', s)} holds terminal values other than 0 and 1 "
+                f"({', '.join(map(str, odd[:5]))}); every nonzero value is read as the end of an episode "
+                "(shown once; other files may hold them too).",
+                stacklevel=2,
+            )
 
     def _load_into_slot(self, slot: int, pieces: list[Piece]) -> None:
         at, positions = int(self._slot_start[slot]), []
@@ -1331,7 +1394,7 @@ class MultiGameReplay:
             )
         self._cancel_job()
         with self._lock:
-            self._excluded = {tuple(k) for k in state["excluded"]}
+            self._excluded = self._recheck_excluded({tuple(k) for k in state["excluded"]})
             self._stats["excluded_checkpoints"] = len(self._excluded)
         for g, ps in enumerate(state["loaded"]):
             pieces = [Piece(*p) for p in ps]
@@ -1350,6 +1413,29 @@ class MultiGameReplay:
             self._interval = max(1, self.reload_every // len(self._rotating))
         self._rng.bit_generator.state = state["rng"]
         self._submit_next()
+
+    def _recheck_excluded(self, excluded: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
+        """On resume: checkpoints excluded before (missing or corrupt files found while streaming) whose
+        files were scanned fine at this start-up are taken back (the files may be back); the rest stay
+        excluded. A file still corrupt inside is found again when loaded, and excluded again."""
+        self._readmitted = sorted(k for k in excluded if k in self._infos)
+        return excluded - set(self._readmitted)
+
+    def _excluded_lines(self) -> list[str]:
+        """plan_summary's lines on excluded and re-admitted checkpoints."""
+
+        def name(k: tuple[int, ...]) -> str:
+            return f"{self.games[k[0]]} run {k[1]} checkpoint {k[2]}"
+
+        lines = []
+        with self._lock:
+            excluded = sorted(self._excluded)
+        if excluded:
+            lines.append(f"  excluded (unreadable while streaming): {', '.join(map(name, excluded))}")
+        if self._readmitted:
+            back = ", ".join(map(name, self._readmitted))
+            lines.append(f"  taken back on resume (their files read fine again): {back}")
+        return lines
 
     def stats(self) -> dict[str, Any]:
         """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
@@ -1385,7 +1471,7 @@ class MultiGameReplay:
             )
         else:
             lines.append("  static: all selected data is resident, no reloads")
-        return "\n".join(lines)
+        return "\n".join(lines + self._excluded_lines())
 
     def _phases(self, total_samples: int) -> list[int]:
         """Per game: how many swaps it makes in total_samples sample() calls (phases 0..that are used)."""
@@ -1533,6 +1619,12 @@ _progress_counter: Any = None  # a multiprocessing.Value in worker processes
 def _worker_init(counter: Any) -> None:
     global _progress_counter
     _progress_counter = counter
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the recording (and these workers) alone, so
+    # a worker ignores SIGINT instead of printing a KeyboardInterrupt traceback; SIGTERM ends it quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import torch
 
@@ -1575,18 +1667,12 @@ def _make_policy(
         return _scripted_policy(policy, game, legal, env, rng)
     import torch  # lazy: the random policy needs no torch
 
-    import resnet
-
-    ckpt = torch.load(policy, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not {"model", "net_config", "games"} <= set(ckpt):
-        raise ReplayDataError(f"--policy {policy} is not a checkpoint saved by cql_multigame.py; pass one.")
+    ckpt, net = load_policy(policy)
     if game not in list(ckpt["games"]):
         raise ReplayDataError(
             f"--policy {policy} has no head for {game} (it knows {', '.join(ckpt['games'])}); "
             "record other games or use --policy random."
         )
-    net = resnet.QNetwork(**ckpt["net_config"])
-    net.load_state_dict(ckpt["model"])
     net.eval()
     head = torch.tensor([list(ckpt["games"]).index(game)])
     run_args = ckpt.get("args", {}) or {}
@@ -1617,9 +1703,13 @@ def write_episode_returns(directory: str | Path, suffix: int, returns: Sequence[
     """`episode_returns_ckpt.N.json` beside checkpoint N: the unclipped returns of the episodes that ended
     while its transitions were written (plain JSON; Dopamine's and this project's readers ignore the file)."""
     path = Path(directory) / f"episode_returns_ckpt.{suffix}.json"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
-    os.replace(tmp, path)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e, 64 * len(returns) + 64) from None
     return path
 
 
@@ -1635,6 +1725,18 @@ def read_episode_returns(directory: str | Path, suffixes: Sequence[int] | None =
     for p in paths:
         out.extend(float(r) for r in json.loads(p.read_text())["returns"])
     return out
+
+
+def load_policy(policy: str) -> tuple[dict[str, Any], Any]:
+    """A --policy checkpoint and its network, through the training scripts' loader: a missing, truncated or
+    foreign file is one sentence (ReplayDataError), as in cql_multigame.py and the fine-tuning scripts."""
+    import cql_multigame  # lazy: the random policy needs neither torch nor the training script
+
+    try:
+        ckpt = cql_multigame.load_checkpoint(policy)
+        return ckpt, cql_multigame.network_from_checkpoint(ckpt, path=policy)
+    except cql_multigame.ConfigError as e:
+        raise ReplayDataError(f"--policy: {e}") from None
 
 
 def _record_one(job: dict[str, Any], report: Callable[[int], None] | None = None) -> str:
@@ -1735,6 +1837,9 @@ def record(
         )
     if not 0.0 <= epsilon <= 1.0:
         raise ReplayDataError(f"--epsilon {epsilon} must be in [0, 1].")
+    if policy != "random":
+        load_policy(policy)  # a truncated or foreign checkpoint: one sentence now, not in a worker
+    _check_writable(Path(out_dir))
     jobs = []
     for gi, game in enumerate(games):
         for run in runs:
@@ -1755,6 +1860,7 @@ def record(
     total = len(jobs) * num_checkpoints * capacity
     bar = tqdm(total=total, desc="recording", unit="step", disable=not progress, smoothing=0.1)
     workers = min(len(jobs), os.cpu_count() or 1) if num_workers <= 0 else min(num_workers, len(jobs))
+    pids = {os.getpid()}  # the writers whose temporary files an interrupted recording removes
     try:
         if workers <= 1:
             out = [_record_one(j, bar.update) for j in jobs]
@@ -1771,15 +1877,64 @@ def record(
             with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_worker_init, initargs=(counter,)
             ) as pool:
-                futures = [pool.submit(_record_one, j) for j in jobs]
-                while not all(f.done() for f in futures):
-                    concurrent.futures.wait(futures, timeout=0.5)
-                    bar.update(counter.value - bar.n)
-                out = [f.result() for f in futures]
+                futures = _submit_ignoring_sigint(pool, jobs)
+                try:
+                    while not all(f.done() for f in futures):
+                        concurrent.futures.wait(futures, timeout=0.5)
+                        bar.update(counter.value - bar.n)
+                        pids |= set((pool._processes or {}).keys())
+                    out = [f.result() for f in futures]
+                except BaseException:  # interrupted, or a worker failed: stop the others now, not at the end
+                    for f in futures:
+                        f.cancel()
+                    for proc in list((pool._processes or {}).values()):
+                        proc.terminate()
+                    raise
                 bar.update(counter.value - bar.n)
+    except BaseException:
+        _remove_temp_files([Path(j["logs"]) for j in jobs], pids)
+        raise
     finally:
         bar.close()
     return [Path(p) for p in out]
+
+
+def _submit_ignoring_sigint(pool: Any, jobs: list[dict[str, Any]]) -> list[Any]:
+    """Submit the jobs (this starts the workers) with SIGINT ignored for that moment: a worker inherits
+    the ignored disposition, so a Ctrl-C while it still imports prints no traceback (the parent stops it)."""
+    import signal
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        return [pool.submit(_record_one, j) for j in jobs]
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Before recording: --out-dir can be created and written (one sentence if not)."""
+    probe = _temp_path(out_dir / ".write_test")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ReplayWriteError(
+            f"cannot write in --out-dir {out_dir} ({e.strerror or type(e).__name__}); pass a writable folder."
+        ) from None
+
+
+def _remove_temp_files(dirs: list[Path], pids: set[int]) -> None:
+    """Remove the temporary files of writers `pids` on this host (see _temp_path) after an interruption."""
+    import socket
+
+    host = socket.gethostname()
+    for d in dirs:
+        for pid in pids:
+            for tmp in d.glob(f"*.{host}.{pid}.tmp") if d.is_dir() else ():
+                tmp.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -1814,15 +1969,35 @@ class Args:
 
 
 def main(args: Args) -> None:
+    import signal
+
+    import cql_multigame  # the training scripts' range checker (this also imports torch)
+
+    got = [signal.SIGINT]
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a scheduler) stops the recording like Ctrl-C
+        got[0] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
+        cql_multigame.check_ranges(args)
         dirs = record(
             args.out_dir, args.games, args.runs, num_checkpoints=args.num_checkpoints, capacity=args.capacity,
             policy=args.policy, epsilon=args.epsilon, seed=args.seed, sticky_actions=args.sticky_actions,
             max_episode_steps=args.max_episode_steps, num_workers=args.num_workers, overwrite=args.overwrite,
         )  # fmt: skip
-    except ReplayDataError as e:
+    except (ReplayDataError, cql_multigame.ConfigError, cql_multigame.replay.ReplayDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted by {signal.Signals(got[0]).name}: recording stopped; complete checkpoints in "
+            f"{args.out_dir} stay, partial files were removed (rerun with --overwrite to record again).",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + got[0]) from None
     for d in dirs:
         print(f"wrote {d} (checkpoints {list_checkpoints(d)})")
 
