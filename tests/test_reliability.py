@@ -122,7 +122,7 @@ def one_line_error(stderr: str) -> str:
         ("eval_every", -1, r"--eval-every must be 0 \(evaluate only at the end\) or more"),
         ("gamma", 1.5, r"--gamma must be in \[0, 1\]"),
         ("memory_budget_gb", 0.0, "--memory-budget-gb must be above 0"),
-        ("reload_every", 0, "--reload-every must be at least 1"),
+        ("reload_every", -1, r"--reload-every must be 0 \(chosen from --total-steps\) or more"),
         ("record_missing", 3, "--record-missing must be 0"),
     ],
 )
