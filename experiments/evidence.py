@@ -122,6 +122,8 @@ class Args:
     thread pool spin and run many times slower)"""
     plots: bool = True
     """write PNG plots (needs matplotlib: pip install matplotlib)"""
+    report_only: bool = False
+    """train nothing: tabulate and plot the evaluations the runs have finished so far (n/a for the rest)"""
     quick: bool = False
     """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (the path, not skill)"""
 
@@ -350,6 +352,11 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
     chains += [("td", s) for s in args.td_seeds if "td" in args.methods]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     results: dict[str, dict[str, Any]] = {}
+    if args.report_only:
+        for m, s in chains:
+            path = Path(args.runs_dir) / f"{m}_seed{s}" / "stages.json"
+            results[f"{m}_seed{s}"] = json.loads(path.read_text()) if path.is_file() else {}
+        return results
     if args.jobs <= 1:
         for m, s in chains:
             results[f"{m}_seed{s}"] = run_chain(args, m, s, threads)
@@ -442,15 +449,19 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
 
-    def cell(c: dict) -> str:
+    def cell(c: dict, method: str) -> str:
         if c["mean"] is None:
             return "n/a"
-        return f"{c['mean']:.1f}" + ("" if c["se"] is None else f" ± {c['se']:.1f}")
+        text = f"{c['mean']:.1f}" + ("" if c["se"] is None else f" ± {c['se']:.1f}")
+        planned = len(args.td_seeds if method == "td" else args.seeds)
+        if method != "behavior" and c["seeds"] < planned:
+            text += f" ({c['seeds']} of {planned} seeds)"
+        return text
 
     for game in args.games:
         row = agg["table"][game]
         holds = "yes" if agg["claim"][game]["holds"] else "no"
-        cells = " | ".join(cell(row[m]) for m in ("behavior", "bc", "td", "cql"))
+        cells = " | ".join(cell(row[m], m) for m in ("behavior", "bc", "td", "cql"))
         lines.append(f"| {game} | {cells} | {holds} |")
     lines += [
         "",
@@ -547,7 +558,8 @@ def main(args: Args) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    make_data(args)
+    if not args.report_only:
+        make_data(args)
     behavior = behavior_returns(args)
     shares = data_action_shares(args)
     runs = run_all(args)
