@@ -1837,7 +1837,7 @@ def record(
         )
     if not 0.0 <= epsilon <= 1.0:
         raise ReplayDataError(f"--epsilon {epsilon} must be in [0, 1].")
-    if policy != "random":
+    if policy != "random" and not _is_scripted(policy):
         load_policy(policy)  # a truncated or foreign checkpoint: one sentence now, not in a worker
     _check_writable(Path(out_dir))
     jobs = []
