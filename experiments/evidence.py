@@ -442,7 +442,7 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     n = len(args.seeds)
     lines = [
         f"mean return at step {args.eval_at[-1]:,} (episodes capped at {args.eval_max_steps:,} agent steps; "
-        f"methods: mean ± s.e. over {n} seeds of each seed's {args.eval_episodes}-episode mean; "
+        f"methods: mean ± s.e. over seeds (planned {n}) of each seed's {args.eval_episodes}-episode mean; "
         "behavior: mean ± s.e. over the recorded episodes)",
         "",
         "| game | behavior (data) | BC | TD only | CQL | CQL > behavior and BC |",
@@ -491,8 +491,9 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(args: Args, agg: dict[str, Any], out: Path) -> list[str]:
-    """bars.png (per game, every method with its standard error) and curves.png (return vs steps)."""
+def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> list[str]:
+    """bars.png (per game, every method with its standard error), curves.png (return vs steps) and
+    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps)."""
     try:
         import matplotlib
 
@@ -540,7 +541,26 @@ def plot(args: Args, agg: dict[str, Any], out: Path) -> list[str]:
     curves = out / "curves.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return [str(bars), str(curves)]
+
+    # training-time signal: the Q-gap between the best and the second-best action on dataset states
+    fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
+    for ax, game in zip(axes[0], args.games, strict=True):
+        for name, stages in sorted(runs.items()):
+            method = name.split("_seed")[0]
+            done = [s for s in steps if str(s) in stages]
+            if not done:
+                continue
+            gaps = [stages[str(s)]["diagnostics"][game]["q_gap_best_second"] for s in done]
+            ax.plot(done, gaps, marker="o", color=colors[method], label=name, alpha=0.8)
+        ax.set_title(game)
+        ax.set_xlabel("gradient steps")
+    axes[0][0].set_ylabel("Q(best) - Q(second), dataset states")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    gaps_png = out / "q_gaps.png"
+    fig.savefig(gaps_png, dpi=110)
+    plt.close(fig)
+    return [str(bars), str(curves), str(gaps_png)]
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -574,7 +594,7 @@ def main(args: Args) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
     }
     table = format_table(args, agg)
-    result["plots"] = plot(args, agg, out) if args.plots else []
+    result["plots"] = plot(args, agg, runs, out) if args.plots else []
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"
