@@ -606,4 +606,14 @@ def main(args: Args) -> dict[str, Any]:
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    import cql_multigame
+
+    try:
+        main(tyro.cli(Args))
+    except (cql_multigame.RunInterrupted, cql_multigame.Interrupted, KeyboardInterrupt) as e:
+        # one line, no traceback: the interrupted run saved its checkpoint, finished stages are in stages.json
+        signum = getattr(e, "signum", 2)
+        print(f"\n{e}\nevidence.py: run the same command again to continue.", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    except (cql_multigame.ConfigError, replay.ReplayDataError) as e:
+        sys.exit(f"error: {e}")
