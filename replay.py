@@ -483,13 +483,17 @@ def scan_checkpoint(directory: str | Path, suffix: int) -> CheckpointInfo:
     return CheckpointInfo(str(directory), suffix, capacity, add_count, horizon, ends_t)
 
 
-def read_checkpoint(directory: str | Path, suffix: int) -> dict[str, np.ndarray]:
-    """Read a whole checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set
-    index), reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n], and
-    episode_end_indices int64 [E] when the optional 7th file is present and readable without pickle."""
+def read_checkpoint(
+    directory: str | Path, suffix: int, store: Sequence[str] = tuple(_STORE)
+) -> dict[str, np.ndarray]:
+    """Read a checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set index),
+    reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n], and
+    episode_end_indices int64 [E] when the optional 7th file is present and readable without pickle.
+    `store`: which of the four per-transition arrays to read (e.g. ("action", "terminal") skips the frames,
+    ~99% of the bytes); the small arrays are always read."""
     info = scan_checkpoint(directory, suffix)
     out: dict[str, np.ndarray] = {}
-    for name in _STORE:
+    for name in store:
         with _GzipNpy(_path(directory, STORE_PREFIX + name, suffix)) as f:
             out[name] = f.read_all()
     out["add_count"] = np.array(info.add_count, np.int64)

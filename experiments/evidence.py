@@ -188,7 +188,7 @@ def data_action_shares(args: Args) -> dict[str, dict[str, float]]:
         legal = np.asarray(atari.legal_actions(game))
         counts = np.zeros(18, np.int64)
         for k in replay.list_checkpoints(logs_dir(args, game)):
-            d = replay.read_checkpoint(logs_dir(args, game), k)
+            d = replay.read_checkpoint(logs_dir(args, game), k, store=("action", "terminal"))
             written = replay.valid_mask(d["terminal"], int(d["add_count"]), 1)  # real transitions only
             counts += np.bincount(legal[d["action"][written]], minlength=18)
         out[game] = {str(a): float(counts[a] / counts.sum()) for a in legal}
@@ -502,6 +502,13 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
+
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return str(out / name)
+
     colors = {"behavior": "#7f7f7f", "bc": "#ff7f0e", "td": "#2ca02c", "cql": "#1f77b4"}
     order = ("behavior", "bc", "td", "cql")
     fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.4), squeeze=False)
@@ -516,10 +523,7 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
     axes[0][0].set_ylabel(f"return (step {args.eval_at[-1]:,})")
     title = "Offline on scripted sub-optimal data, one network for all games (± s.e. over seeds)"
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    bars = out / "bars.png"
-    fig.savefig(bars, dpi=110)
-    plt.close(fig)
+    bars = save(fig, "bars.png")
 
     fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
     steps = np.array(args.eval_at)
@@ -537,10 +541,7 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         ax.set_xlabel("gradient steps")
     axes[0][0].set_ylabel("evaluation return")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    curves = out / "curves.png"
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
+    curves = save(fig, "curves.png")
 
     # training-time signal: the Q-gap between the best and the second-best action on dataset states
     fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
@@ -556,11 +557,7 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         ax.set_xlabel("gradient steps")
     axes[0][0].set_ylabel("Q(best) - Q(second), dataset states")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    gaps_png = out / "q_gaps.png"
-    fig.savefig(gaps_png, dpi=110)
-    plt.close(fig)
-    return [str(bars), str(curves), str(gaps_png)]
+    return [bars, curves, save(fig, "q_gaps.png")]
 
 
 def main(args: Args) -> dict[str, Any]:
