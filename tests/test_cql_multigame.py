@@ -10,20 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GAMES
 
 import cql_multigame
 import replay
 from cql_multigame import PRESETS, Args, ConfigError, cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
-GAMES = ("Breakout", "Boxing", "Freeway")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
-    return path
 
 
 def tiny_args(data_dir, runs_dir, **overrides) -> Args:

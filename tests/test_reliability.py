@@ -18,33 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cql_multigame import tiny_args as cql_tiny_args
 
 import cql_multigame
 import finetune_offline
 import finetune_online
 import replay
-from cql_multigame import PRESETS, Args, ConfigError, DiskWriteError, RunLock, main
+from cql_multigame import Args, ConfigError, DiskWriteError, RunLock, main
 
 ROOT = Path(__file__).resolve().parents[1]
-GAMES = ("Breakout", "Boxing", "Freeway")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
-    return path
-
-
 def tiny_args(data_dir, runs_dir, **overrides) -> Args:
-    """The demo preset, shrunk to seconds (as in test_cql_multigame.py)."""
-    base = dataclasses.replace(
-        PRESETS["demo"][1], data_dir=str(data_dir), runs_dir=str(runs_dir), record_missing=0, total_steps=8,
-        batch_size=12, log_every=1, save_every=4, target_update_every=3, eval_episodes=1, eval_envs=1,
-        eval_max_steps=20, prefetch=0,
-    )  # fmt: skip
-    return dataclasses.replace(base, **overrides)
+    """test_cql_multigame's seconds-long demo run, sampling inside the loop (no prefetch thread)."""
+    return cql_tiny_args(data_dir, runs_dir, **{"prefetch": 0, **overrides})
 
 
 def train_command(data_dir, runs_dir, **flags) -> list[str]:
