@@ -550,6 +550,16 @@ class _WorkerSlots:
                 proc.terminate()
 
 
+def epsilon_greedy(q_legal: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """Epsilon-greedy indices [N] into the legal actions, from Q-values q_legal [N, L] over them: with
+    probability epsilon a uniform legal action, else the one with the highest Q (ties -> the lowest index).
+    Both draws are made for every row at every call, so the RNG stream does not depend on the Q-values.
+    The one acting rule of evaluation (`evaluate`) and online acting (finetune_online.py)."""
+    greedy = np.argmax(q_legal, axis=1)  # [N]
+    explore = rng.random(len(q_legal)) < epsilon  # [N]
+    return np.where(explore, rng.integers(q_legal.shape[1], size=len(q_legal)), greedy)
+
+
 def evaluate(
     q_fn: Callable[[np.ndarray], Any],
     game: str,
@@ -607,9 +617,7 @@ def evaluate(
                     f"q_fn must return Q-values of shape [{n}, {NUM_ACTIONS}] (batch x full action set), "
                     f"got {q.shape}."
                 )
-            greedy = legal[np.argmax(q[:, legal], axis=1)]  # [n]
-            explore = rng.random(n) < epsilon  # drawn for every slot each step: same RNG stream always
-            actions = np.where(explore, legal[rng.integers(len(legal), size=n)], greedy)
+            actions = legal[epsilon_greedy(q[:, legal], epsilon, rng)]  # [n] full-set ids
             reset_after = np.array([len(r) for r in returns]) + 1 < quota  # this slot has episodes left
             reward, done = slots.step(actions, active, reset_after)
             running += reward

@@ -1528,10 +1528,9 @@ def train_run(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> d
     )
 
     net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
-    target_net = resnet.QNetwork(**net.config()).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    target_net = target_net.to(memory_format=memory_format)
+    target_net = resnet.target_network(net)  # its weights are set again below (a resumed run's target)
     optimizer = make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
     step = 0
     if resume_ckpt is not None:
@@ -1554,7 +1553,6 @@ def train_run(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> d
         # process sharing one CPU RNG, so the same seed does not give the same init
         xm.broadcast_master_param(net)
     target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
-    target_net.requires_grad_(False)
 
     model = net
     if d.world_size > 1 and not d.xla:

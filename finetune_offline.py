@@ -204,13 +204,9 @@ def build_network(args: Args, ckpt: dict[str, Any] | None, game: str) -> resnet.
         pretrained = cql_multigame.network_from_checkpoint(ckpt)
         net = resnet.transfer(pretrained, 1)
         if args.fine_tune_existing_head:
-            g = list(ckpt["games"]).index(game)
-            with torch.no_grad():
-                net.heads.weight[0] = pretrained.heads.weight[g]  # [A*K, D]
-                net.heads.bias[0] = pretrained.heads.bias[g]  # [A*K]
+            resnet.copy_head(net, 0, pretrained, list(ckpt["games"]).index(game))
     if args.freeze_trunk:  # with --from-scratch: the random-features baseline
-        for part in (net.trunk, net.spatial_embedding, net.shared_mlp):
-            part.requires_grad_(False)
+        resnet.freeze_trunk(net)
     return net
 
 
@@ -251,9 +247,7 @@ def train(
     from tqdm import tqdm
 
     net = net.to(device)
-    target_net = resnet.QNetwork(**net.config()).to(device)
-    target_net.load_state_dict(net.state_dict())
-    target_net.requires_grad_(False)
+    target_net = resnet.target_network(net)
     optimizer = cql_multigame.make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
     legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, A]
     bf16 = args.bf16 and device.type in ("cuda", "xla")

@@ -209,10 +209,7 @@ def build_network(
             f"pretrained representation of {path}; {game} has no head there (it knows "
             f"{', '.join(games)}), so its head is fresh"
         )
-    g = games.index(game)
-    with torch.no_grad():
-        net.heads.weight[0] = pretrained.heads.weight[g]  # [A*K, D]
-        net.heads.bias[0] = pretrained.heads.bias[g]  # [A*K]
+    resnet.copy_head(net, 0, pretrained, games.index(game))
     return net, f"pretrained network of {path} with its {game} head"
 
 
@@ -390,9 +387,7 @@ def act(
     x = torch.from_numpy(obs).to(device)  # [N, 4, 84, 84]
     logits = net(x, torch.zeros(len(obs), dtype=torch.int64, device=device))  # [N, 18, K]
     q = cql_multigame.expected_q(logits, support)[:, legal_t]  # [N, L]
-    greedy = q.argmax(-1).cpu().numpy()  # [N]
-    explore = rng.random(len(obs)) < epsilon  # [N]
-    return np.where(explore, rng.integers(len(legal_t), size=len(obs)), greedy)
+    return atari.epsilon_greedy(q.cpu().numpy(), epsilon, rng)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,11 +503,8 @@ def _train(
 
     net = net.to(device)
     if args.freeze_trunk:
-        for part in (net.trunk, net.spatial_embedding, net.shared_mlp):
-            part.requires_grad_(False)
-    target_net = resnet.QNetwork(**net.config()).to(device)
-    target_net.load_state_dict(net.state_dict())
-    target_net.requires_grad_(False)
+        resnet.freeze_trunk(net)
+    target_net = resnet.target_network(net)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = cql_multigame.make_optimizer(params, args.lr, args.adam_eps, device)  # ours: fresh Adam state
     legal = np.asarray(atari.legal_actions(game))  # [L] full-set ids

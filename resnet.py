@@ -164,6 +164,14 @@ class SpatialEmbedding(nn.Module):
         return out.flatten(1)  # [B, C*F]
 
 
+def normalize_features(x: torch.Tensor) -> torch.Tensor:
+    """Feature normalization, one of Scaled QL's three architecture choices (Sec. 4: the shared features
+    that every game's head reads are normalized, which the paper finds important for stable multi-game
+    training). The paper does not give its exact form; ours: the L2 normalization of each sample's shared
+    features [B, D] (after the MLP's ReLU), with no learned scale."""
+    return F.normalize(x, dim=-1)  # [B, D], every row of unit L2 norm
+
+
 class GameHeads(nn.Module):
     """One linear layer per game, mapping features [B, D] to [B, num_actions * num_atoms].
 
@@ -275,9 +283,7 @@ class QNetwork(nn.Module):
         x = self.trunk(x)  # [B, C, H, W]
         x = self.spatial_embedding(x)  # [B, C*F]
         x = self.shared_mlp(x)  # [B, D]
-        # Feature normalization (Scaled QL, Section 4): our sources do not give its exact form; ours: the
-        # L2 normalization of the shared features (after the MLP's ReLU), with no learned scale.
-        return F.normalize(x, dim=-1)  # [B, D]
+        return normalize_features(x)  # [B, D]
 
     def forward(self, obs: torch.Tensor, game: torch.Tensor) -> torch.Tensor:
         logits = self.heads(self.features(obs), game)  # [B, A*K]
@@ -305,3 +311,34 @@ def transfer(net: QNetwork, num_games: int) -> QNetwork:
     new.heads.to(device=ref.device, dtype=ref.dtype)
     new.train(net.training)
     return new
+
+
+# Network surgery shared by the training scripts (cql_multigame, finetune_offline, finetune_online).
+
+
+def target_network(net: QNetwork) -> QNetwork:
+    """The target network of `net`: a QNetwork of the same config holding a copy of net's current weights, on
+    net's device, dtype and memory format, with requires_grad False. It is built like `net` (its random init
+    draws from torch's RNG once more, as every script has always done, so seeded runs stay unchanged);
+    load another state into it (a resumed run's target) with load_state_dict."""
+    ref = next(net.parameters())
+    channels_last = net.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+    target = QNetwork(**net.config()).to(device=ref.device, dtype=ref.dtype)
+    target = target.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    target.load_state_dict(net.state_dict())
+    target.requires_grad_(False)
+    return target
+
+
+def freeze_trunk(net: QNetwork) -> None:
+    """requires_grad False for the representation (trunk, spatial embedding, shared MLP); the heads train.
+    GroupNorm keeps no running statistics, so the frozen parts stay bit-for-bit unchanged."""
+    for part in (net.trunk, net.spatial_embedding, net.shared_mlp):
+        part.requires_grad_(False)
+
+
+def copy_head(dst: QNetwork, dst_game: int, src: QNetwork, src_game: int) -> None:
+    """dst's head `dst_game` := src's head `src_game` (weights and bias; the networks' heads must match)."""
+    with torch.no_grad():
+        dst.heads.weight[dst_game] = src.heads.weight[src_game]  # [A*K, D]
+        dst.heads.bias[dst_game] = src.heads.bias[src_game]  # [A*K]

@@ -92,12 +92,12 @@ class Args:
     target_update_every: int = 500
     """gradient steps between hard target updates (the demo's value: values propagate fast in short runs)"""
     cql_alpha: float = 0.001
-    """CQL weight of the `cql` method (ours, chosen on training-time signals only; see experiments/alpha_pilot.py
-    and the README's Results). 2,000-step pilots on seed 0 (no evaluation): the greedy action on Freeway's
-    dataset states is the data's most frequent one (NOOP) at alpha 0.01 and 0.003, and TD-only's (UP) at 0.001
-    and 0.0003. TD's one-step Q-gap here is ~0.005 and the CQL term's pull toward frequent actions ~3 per unit
-    alpha, so 0.001 is the largest value that leaves the TD signal on top. The first plan's 0.01 came from a
-    linear estimate that was ~10x too low; its seed-1 runs are kept in runs_dir as cql_alpha0.01_seed*."""
+    """CQL weight of the `cql` method (ours, chosen on training-time signals only; see
+    experiments/alpha_pilot.py and the README's Results). 2,000-step pilots on seed 0, no evaluation: the
+    greedy action on Freeway's dataset states is the data's most frequent one (NOOP) at alpha 0.01 and 0.003,
+    and TD-only's (UP) at 0.001 and 0.0003. TD's one-step Q-gap here is ~0.005, the CQL term's pull toward
+    frequent actions ~3 per unit alpha, so 0.001 is the largest value that leaves the TD signal on top. The
+    first plan's 0.01 came from a linear estimate that was ~10x too low (its runs: cql_alpha0.01_seed*)."""
     seeds: tuple[int, ...] = (1, 2, 3)
     """training seeds of cql and bc"""
     td_seeds: tuple[int, ...] = (1,)

@@ -125,7 +125,26 @@ def test_evidence_quick_runs_end_to_end_and_resumes(tmp_path):
         diag = stages["20"]["diagnostics"]["Breakout"]
         assert sum(diag["greedy_share"].values()) == pytest.approx(1.0)
     assert result["args"]["quick"] and result["table"]["Freeway"]["cql"]["seeds"] == 1
-    before = (tmp_path / "runs_dir" / "cql_seed1" / "stages.json").read_text()
+    cql_stages = tmp_path / "runs_dir" / f"cql_alpha{evidence.Args().cql_alpha:g}_seed1" / "stages.json"
+    before = cql_stages.read_text()
     again = evidence.main(evidence.Args(quick=True, plots=False, **dirs))  # all cached: nothing re-runs
-    assert (tmp_path / "runs_dir" / "cql_seed1" / "stages.json").read_text() == before
+    assert cql_stages.read_text() == before
     assert again["table"] == result["table"]
+
+
+def test_alpha_pilot_quick_writes_diagnostics(tmp_path):
+    from experiments import alpha_pilot
+
+    args = alpha_pilot.Args(
+        alphas=(0.0, 0.01), runs_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"),
+        out=str(tmp_path / "pilot.json"), quick=True,
+    )  # fmt: skip
+    out = alpha_pilot.main(args)
+    assert json.loads((tmp_path / "pilot.json").read_text())["pilots"] == out["pilots"]
+    assert set(out["pilots"]) == {"0", "0.01"}
+    for diag in out["pilots"].values():
+        assert set(diag) == {"Freeway", "DemonAttack", "Breakout"}
+        assert sum(diag["Freeway"]["greedy_share"].values()) == pytest.approx(1.0)
+    # the pilots differ only in alpha: same seed and data, so alpha 0.01's extra term must change the Q-gap
+    gaps = [out["pilots"][a]["Breakout"]["q_gap_best_second"] for a in ("0", "0.01")]
+    assert gaps[0] != gaps[1]
