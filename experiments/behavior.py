@@ -13,6 +13,10 @@ rank it higher.
 | Freeway | UP (40%) | NOOP (45%) or DOWN (15%) | yes: always UP scores ~21 |
 | DemonAttack | FIRE (30%) | NOOP (40%), LEFT / RIGHT (15% each) | yes: FIRE |
 | Breakout | paddle under the ball (40%) | paddle left where it is (60%) | no: it must track the ball |
+| SpaceInvaders | FIRE (30%) | NOOP (40%), LEFT / RIGHT (15% each) | yes: FIRE |
+
+SpaceInvaders is one of the paper's held-out games: its data is for experiments/transfer.py's offline
+fine-tuning, never for pre-training.
 
 Both parts of Breakout's mixture FIRE to serve when no ball is in play: waiting to serve costs only
 discounting, a Q-gap too small to learn from (an earlier pilot's greedy policies never served), and the
@@ -74,6 +78,7 @@ MIXTURES: dict[str, tuple[float, Callable, Callable]] = {
     ),
     "Breakout": (0.40, lambda ram, rng: breakout_track(ram), lambda ram, rng: breakout_idle(ram)),
 }
+MIXTURES["SpaceInvaders"] = MIXTURES["DemonAttack"]  # the same shooter's mixture (held out: transfer)
 
 
 def scripted(game: str, env, rng: np.random.Generator) -> Callable[[np.ndarray], int]:
@@ -100,4 +105,6 @@ def policy_action(game: str, part: str, ram: np.ndarray, rng: np.random.Generato
 
 
 # the good part's action where it does not depend on the state (None: it does, e.g. Breakout's tracking)
-GOOD_ACTION: dict[str, int | None] = {"Freeway": UP, "DemonAttack": FIRE, "Breakout": None}
+GOOD_ACTION: dict[str, int | None] = {
+    "Freeway": UP, "DemonAttack": FIRE, "Breakout": None, "SpaceInvaders": FIRE
+}  # fmt: skip

@@ -109,12 +109,20 @@ def test_recorder_takes_a_module_function_policy(tmp_path):
         replay.record(tmp_path / "y", ["Pong"], capacity=100, policy="experiments.behavior:nope")
 
 
-def test_evidence_quick_runs_end_to_end_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def evidence_quick(tmp_path_factory):
+    """`python experiments/evidence.py --quick` once: (its folders, the completed process)."""
+    tmp_path = tmp_path_factory.mktemp("evidence")
     dirs = {k: str(tmp_path / k) for k in ("out_dir", "data_dir", "runs_dir")}
     cmd = [sys.executable, "experiments/evidence.py", "--quick", "--no-plots"]
     cmd += [x for k, v in dirs.items() for x in (f"--{k.replace('_', '-')}", v)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, dirs, out
+
+
+def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
+    tmp_path, dirs, out = evidence_quick
     assert "| game | behavior (data) | BC | TD only | CQL |" in out.stdout
     result = json.loads((tmp_path / "out_dir" / "results.json").read_text())
     games = ("Freeway", "DemonAttack", "Breakout")
@@ -130,6 +138,29 @@ def test_evidence_quick_runs_end_to_end_and_resumes(tmp_path):
     again = evidence.main(evidence.Args(quick=True, plots=False, **dirs))  # all cached: nothing re-runs
     assert cql_stages.read_text() == before
     assert again["table"] == result["table"]
+
+
+def test_transfer_quick_runs_end_to_end_and_caches(evidence_quick, tmp_path):
+    from experiments import transfer
+
+    cql_run = f"cql_alpha{evidence.Args().cql_alpha:g}_seed1"
+    checkpoint = evidence_quick[0] / "runs_dir" / cql_run / "checkpoint.pt"
+    dirs = {k: str(tmp_path / k) for k in ("out_dir", "data_dir", "runs_dir")}
+    args = transfer.Args(checkpoint=str(checkpoint), quick=True, plots=False, **dirs)
+    result = transfer.main(args)
+    assert (tmp_path / "data_dir" / "SpaceInvaders" / "1" / "replay_logs").is_dir()  # held-out data recorded
+    offline = result["offline"]
+    assert set(offline) == {"fine-tuned (pre-trained trunk)", "from scratch"}
+    assert all(list(c) == ["10", "20"] and c["20"]["n"] == 1 for c in offline.values())  # every evaluation
+    assert all(list(c) == ["0", "80", "160"] for c in result["online"].values())  # at 0, every 80, the end
+    runs = tmp_path / "runs_dir"
+    pretrained = json.loads((runs / "online_Freeway_pretrained_seed1" / "summary.json").read_text())
+    assert pretrained["difficulty"] == 1 and pretrained["init"] == "pretrained"
+    assert json.loads((tmp_path / "out_dir" / "results.json").read_text())["online"] == result["online"]
+    stamp = (runs / "offline_SpaceInvaders_seed1" / "transfer.json").stat().st_mtime_ns
+    again = transfer.main(args)  # everything cached: nothing re-runs
+    assert again["offline"] == offline and again["online"] == result["online"]
+    assert (runs / "offline_SpaceInvaders_seed1" / "transfer.json").stat().st_mtime_ns == stamp
 
 
 def test_alpha_pilot_quick_writes_diagnostics(tmp_path):
