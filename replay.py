@@ -63,6 +63,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+# ----------------------------------------------------------------------------------------------------------
+# The DQN-Replay file format
+
+
 STACK = 4  # frames per state (Dopamine's stack_size; DQN-Replay was recorded with it)
 FRAME_SHAPE = (84, 84)
 FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1]  # 7,056
@@ -90,16 +94,6 @@ DOWNLOAD_HINT = (
     "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
     "or record data with `python replay.py --out-dir {d} --games <Game>`"
 )
-# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) + the n-step
-# target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
-# slot of the valid-index table (int64 past 2**31 rows).
-_ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
-
-
-RELOAD_EVERY = 50_000  # ours: sample() calls between two sets of the same game (the cap of reload_every=0)
-# checkpoint load (gzip inflate + parse) measured by benchmarks/bench_replay.py on this project's CPU (README)
-INFLATE_BYTES_PER_S = 1.439e9
-WINDOWS_PER_SLOT = 5  # ours: windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
 
 
 class ReplayDataError(ValueError):
@@ -109,6 +103,10 @@ class ReplayDataError(ValueError):
 class ReplayWriteError(ReplayDataError):
     """A write of replay files that failed (full disk, read-only folder, permission): one sentence with the
     path and the space needed; the partial temporary files are removed and earlier files are unchanged."""
+
+
+def _path(directory: str | Path, name: str, suffix: int) -> Path:
+    return Path(directory) / f"{name}_ckpt.{suffix}.gz"
 
 
 def _temp_path(path: Path) -> Path:
@@ -130,153 +128,6 @@ def _write_error(path: Path, error: OSError, need_bytes: int) -> ReplayWriteErro
         f"{need_bytes / 2**20:,.1f} MB and {path.parent} has {free}; earlier files there are unchanged and "
         "the partial ones were removed; free space or pass another --out-dir."
     )
-
-
-class Batch(NamedTuple):
-    obs: np.ndarray  # uint8 [B, 4, 84, 84], oldest frame first
-    action: np.ndarray  # int64 [B], full-action-set id 0..17
-    reward: np.ndarray  # float32 [B], n-step discounted reward sum (stops at the first terminal)
-    discount: np.ndarray  # float32 [B], gamma**n, or 0 where the episode ended within n steps
-    next_obs: np.ndarray  # uint8 [B, 4, 84, 84]
-    game: np.ndarray  # int64 [B], index into the sampler's `games`
-
-
-# ----------------------------------------------------------------------------------------------------------
-# File format
-
-
-def _path(directory: str | Path, name: str, suffix: int) -> Path:
-    return Path(directory) / f"{name}_ckpt.{suffix}.gz"
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _GzipNpy:
-    """One np.save'd array read out of a .gz file at zlib speed: the header first, then rows decompressed
-    straight into numpy buffers (no Python loop per element, no pickle). Raises ReplayDataError for
-    missing, truncated or corrupt files and for object dtypes."""
-
-    _IN_CHUNK = 1 << 18  # compressed bytes per read
-    _OUT_CHUNK = 1 << 20  # decompressed bytes per zlib call: small enough to copy while in cache
-
-    def __init__(self, path: Path, stop: threading.Event | None = None):
-        self.path, self._stop = path, stop
-        try:
-            self._fh = open(path, "rb")  # noqa: SIM115 (closed in close())
-        except FileNotFoundError:
-            raise ReplayDataError(f"{path} is missing: re-download or re-record this checkpoint.") from None
-        self._d = zlib.decompressobj(wbits=31)  # 31: gzip container, CRC32 checked at the end
-        self._in_chunk = 1 << 16  # small first read: headers are all that a scan needs
-        self._ended = False
-        try:
-            version = np.lib.format.read_magic(self)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except ReplayDataError:
-            self.close()
-            raise
-        except (ValueError, OSError, EOFError) as e:
-            self.close()
-            raise ReplayDataError(
-                f"{path} does not hold a .npy array ({e}); re-download or re-record this checkpoint."
-            ) from None
-        if dtype.hasobject or fortran:
-            self.close()
-            raise ReplayDataError(
-                f"{path} holds an object or Fortran-order array, which DQN-Replay never writes (and which "
-                "would need pickle); re-download or re-record this checkpoint."
-            )
-        self.shape, self.dtype = tuple(shape), dtype
-
-    def _corrupt(self, why: str) -> ReplayDataError:
-        return ReplayDataError(f"{self.path} is truncated or corrupt ({why}); re-download or re-record it.")
-
-    def _raw(self, max_len: int) -> bytes:
-        """Up to max_len (>= 1) decompressed bytes; b'' only at the clean end of the gzip stream."""
-        while True:
-            if self._stop is not None and self._stop.is_set():
-                raise _Cancelled
-            if self._d.eof:
-                data = self._d.unused_data or self._fh.read(self._in_chunk)
-                if not data.strip(b"\x00"):  # end of file (gzip tolerates zero padding)
-                    self._ended = True
-                    return b""
-                self._d = zlib.decompressobj(wbits=31)  # another gzip member
-            else:
-                data = self._d.unconsumed_tail or self._fh.read(self._in_chunk)
-                self._in_chunk = self._IN_CHUNK
-            try:
-                out = self._d.decompress(data, max_len)  # b"" input still flushes pending output
-            except zlib.error as e:
-                raise self._corrupt(str(e)) from None
-            if out:
-                return out
-            if not data and not self._d.eof:
-                raise self._corrupt("the gzip stream ends early")
-
-    def read(self, n: int) -> bytes:  # used by np.lib.format's header parser
-        parts, have = [], 0
-        while have < n:
-            out = self._raw(n - have)
-            if not out:
-                break
-            parts.append(out)
-            have += len(out)
-        return b"".join(parts)
-
-    def readinto(self, buffer: np.ndarray) -> None:
-        """Fill a C-contiguous array completely with the next bytes of the stream."""
-        mv = memoryview(buffer).cast("B")
-        pos, total = 0, len(mv)
-        while pos < total:
-            out = self._raw(min(total - pos, self._OUT_CHUNK))
-            if not out:
-                raise self._corrupt(f"the data ends after {pos:,} of {total:,} bytes")
-            mv[pos : pos + len(out)] = out
-            pos += len(out)
-
-    def skip(self, nbytes: int) -> None:
-        while nbytes > 0:
-            out = self._raw(min(nbytes, self._OUT_CHUNK))
-            if not out:
-                raise self._corrupt("the data ends early")
-            nbytes -= len(out)
-
-    def finish(self) -> None:
-        """Check that nothing follows the array and that the gzip CRC matched."""
-        if self._raw(1):
-            raise self._corrupt("extra bytes after the array")
-
-    def read_all(self) -> np.ndarray:
-        arr = np.empty(self.shape, self.dtype)
-        self.readinto(arr)
-        self.finish()
-        return arr
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> _GzipNpy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _load_small(path: Path) -> np.ndarray:
-    with _GzipNpy(path) as f:
-        return f.read_all()
-
-
-def dopamine_invalid_range(cursor: int, capacity: int, update_horizon: int, stack: int = STACK) -> np.ndarray:
-    """Dopamine's `invalid_range`: the stack + update_horizon indices c-n, ..., c+stack-1 (mod capacity)."""
-    return (cursor - update_horizon + np.arange(stack + update_horizon, dtype=np.int64)) % capacity
 
 
 def write_checkpoint(
@@ -507,6 +358,20 @@ def read_checkpoint(
 # Dopamine's rules, vectorized
 
 
+class Batch(NamedTuple):
+    obs: np.ndarray  # uint8 [B, 4, 84, 84], oldest frame first
+    action: np.ndarray  # int64 [B], full-action-set id 0..17
+    reward: np.ndarray  # float32 [B], n-step discounted reward sum (stops at the first terminal)
+    discount: np.ndarray  # float32 [B], gamma**n, or 0 where the episode ended within n steps
+    next_obs: np.ndarray  # uint8 [B, 4, 84, 84]
+    game: np.ndarray  # int64 [B], index into the sampler's `games`
+
+
+def dopamine_invalid_range(cursor: int, capacity: int, update_horizon: int, stack: int = STACK) -> np.ndarray:
+    """Dopamine's `invalid_range`: the stack + update_horizon indices c-n, ..., c+stack-1 (mod capacity)."""
+    return (cursor - update_horizon + np.arange(stack + update_horizon, dtype=np.int64)) % capacity
+
+
 def is_valid(
     index: np.ndarray,
     terminal: np.ndarray,
@@ -559,30 +424,6 @@ def valid_mask(
     )  # fmt: skip
 
 
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> None:
-    """Let glibc keep the memory of freed batches instead of handing it back to the OS after every batch.
-
-    A batch of frames (0.9 MB at batch 32, 14 MB at 512) is above glibc's default mmap threshold, so each
-    sample() would map fresh pages and take a page fault per 4 KB on first write, costing more than the copy
-    itself (measured here: gather of 32 transitions 0.57 -> 0.11 ms, of 512: 4.3 -> 2.1 ms). Raising the mmap
-    threshold to glibc's 32 MB maximum and the trim threshold to 256 MB makes freed batches reusable heap
-    memory. Process-wide; it changes no result; a no-op without glibc (macOS, Windows, musl).
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def n_step_targets(
     reward: np.ndarray, terminal: np.ndarray, index: np.ndarray, n_step: int, gamma: float, mode: str = "wrap"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -633,6 +474,10 @@ def gather_transitions(
         act = action_map[act]
     games = np.broadcast_to(np.asarray(game, np.int64), (batch_size,)).copy()
     return Batch(obs, act, ret, discount, next_obs, games)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FrameBuffer: Dopamine's circular buffer (the recorder and online fine-tuning)
 
 
 class FrameBuffer:
@@ -759,7 +604,7 @@ class FrameBuffer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dataset selection
+# Choosing the data set, and the multi-game sampler
 
 
 def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], where: str = "") -> list[int]:
@@ -802,57 +647,12 @@ def select_suffixes(available: Sequence[int], checkpoints: str | Sequence[int], 
     return chosen
 
 
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """A contiguous range [lo, hi) of one checkpoint's indices (physical file order) that gets loaded."""
-
-    game: int
-    run: int
-    suffix: int
-    lo: int
-    hi: int
-
-    def key(self) -> tuple[int, int, int]:
-        return (self.game, self.run, self.suffix)
-
-    def to_list(self) -> list[int]:
-        return [self.game, self.run, self.suffix, self.lo, self.hi]
-
-
-def _frame_range(info: CheckpointInfo, lo: int, hi: int, n_step: int) -> tuple[int, int]:
-    """Frames [vlo, vhi) (indices may run past the file ends = circular wrap) that piece [lo, hi) needs."""
-    full = info.add_count >= info.capacity
-    if full and lo == 0 and hi == info.capacity:  # a whole circular buffer: pad with its wrapped frames
-        return 1 - STACK, info.capacity + n_step
-    return max(0, lo - (STACK - 1)), min(info.num_stored, hi + n_step)
-
-
-def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
-    edges = np.linspace(lo, hi, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The multi-game sampler
-
-
-class _Job:
-    """A background load (daemon thread) whose result the learner collects at a fixed sample count."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as e:  # handed to the learner at the swap
-            self.error = e
-        finally:
-            self.done.set()
+# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) + the n-step
+# target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
+# slot of the valid-index table (int64 past 2**31 rows).
+_ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
+RELOAD_EVERY = 50_000  # ours: sample() calls between two sets of the same game (the cap of reload_every=0)
+WINDOWS_PER_SLOT = 5  # ours: windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
 
 
 class MultiGameReplay:
@@ -1006,7 +806,237 @@ class MultiGameReplay:
         self._packed: dict[tuple[int, frozenset], list[list[Piece]]] = {}  # _pack()'s sets, cached
         self._stats = {"reloads": 0, "reload_waits": 0, "reload_wait_s": 0.0, "excluded_checkpoints": 0}
 
-    # --- planning ---------------------------------------------------------------------------------------
+    def sample(self, batch_size: int) -> Batch:
+        """batch_size transitions: this rank's rows of a global batch of batch_size x world_size that holds
+        an equal share of every game plus rotating extras (rank_batch_games)."""
+        G = len(self.games)
+        if batch_size * self.world_size < G:
+            raise ValueError(
+                f"batch_size {batch_size} x {self.world_size} rank(s) is smaller than the {G} games; every "
+                f"global batch needs each game, use at least {math.ceil(G / self.world_size)} per rank."
+            )
+        if self._rotating and self._calls == self._next_event * self._interval:
+            self._swap()
+        game, high, start = self._layout(batch_size)
+        # [B] uniform within each game: floor(u * n) is ~3x faster than Generator.integers with per-row
+        # bounds; the minimum catches the one-in-2**53 draw that rounds up to n.
+        choice = np.minimum((self._rng.random(batch_size) * high).astype(np.int64), high - 1)
+        pos = self._valid[start + choice]  # [B] arena rows; their stacks and n-step windows are loaded
+        self._calls += 1
+        first = pos - (STACK - 1)  # [B] row of each state's oldest frame
+        return Batch(
+            obs=self._stacks[first],  # [B, 4, 84, 84]
+            action=self._action[pos].astype(np.int64),
+            reward=self._return[pos],
+            discount=self._discount[pos],
+            next_obs=self._stacks[first + self._next[pos]],
+            game=game.copy(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-typed state (cheap; fine to take after every batch): with load_state_dict, the next
+        batches after a restart equal those of an uninterrupted run."""
+        with self._lock:
+            excluded = sorted(list(k) for k in self._excluded)
+        return {
+            "games": list(self.games),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "calls": self._calls,
+            "rng": self._rng.bit_generator.state,
+            "phase": list(self._phase),
+            "next_event": self._next_event,
+            "reload_every": self.reload_every,  # resolved (auto depends on total_samples)
+            "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
+            "excluded": excluded,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["games"]) != self.games or (state["rank"], state["world_size"]) != (
+            self.rank,
+            self.world_size,
+        ):
+            raise ReplayDataError(
+                "replay state is from other games or another rank/world size; resume with the same settings."
+            )
+        self._cancel_job()
+        with self._lock:
+            self._excluded = self._recheck_excluded({tuple(k) for k in state["excluded"]})
+            self._stats["excluded_checkpoints"] = len(self._excluded)
+        for g, ps in enumerate(state["loaded"]):
+            pieces = [Piece(*p) for p in ps]
+            if any(p.key() not in self._infos for p in pieces):
+                raise ReplayDataError(
+                    "replay state names checkpoints outside this selection; resume with the same one."
+                )
+            if pieces != self._loaded[g]:
+                self._load_into_slot(self._game_slot[g], pieces)
+                self._loaded[g] = pieces
+        self._layouts.clear()
+        self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
+        self._next_event = int(state["next_event"])
+        if "reload_every" in state and self._rotating:  # keep the swap schedule the run started with
+            self.reload_every = int(state["reload_every"])  # (an auto period changes with --total-steps)
+            self._interval = max(1, self.reload_every // len(self._rotating))
+        self._rng.bit_generator.state = state["rng"]
+        self._submit_next()
+
+    def _recheck_excluded(self, excluded: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
+        """On resume: checkpoints excluded before (missing or corrupt files found while streaming) whose
+        files were scanned fine at this start-up are taken back (the files may be back); the rest stay
+        excluded. A file still corrupt inside is found again when loaded, and excluded again."""
+        self._readmitted = sorted(k for k in excluded if k in self._infos)
+        return excluded - set(self._readmitted)
+
+    def stats(self) -> dict[str, Any]:
+        """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
+        per_game = {game: int(self._slot_valid[self._game_slot[g]]) for g, game in enumerate(self.games)}
+        with self._lock:
+            out = dict(self._stats)
+        return {"loaded_transitions": sum(per_game.values()), **out, "loaded_per_game": per_game}
+
+    def plan_summary(self) -> str:
+        G = len(self.games)
+        lines = [
+            f"replay plan (rank {self.rank}/{self.world_size}): {G} games x runs {list(self.runs)} x "
+            f"checkpoints {self.checkpoints!r}, fraction {self.fraction}, n_step {self.n_step}"
+        ]
+        for g, game in enumerate(self.games):
+            ckpts = sorted({(p.run, p.suffix) for p in self._pieces[g]})
+            n = sum(p.hi - p.lo for p in self._pieces[g])
+            lines.append(
+                f"  {game}: {len(ckpts)} checkpoints, {n:,} transitions ({n * FRAME_BYTES / 2**30:.2f} GiB "
+                f"of frames), {len(self._sets[g])} set(s) of up to {self._slot_frames:,} frames"
+            )
+        arena = int(self._slot_start[-1]) * _ROW_BYTES
+        lines.append(
+            f"  memory: {arena / 2**30:.2f} GiB resident of {self.budget_bytes / 2**30:.2f} GiB budget "
+            f"({_ROW_BYTES:,} B per loaded transition)"
+        )
+        if self._rotating:
+            lines.append(
+                f"  streaming: {len(self._rotating)} games rotate; every {self._interval:,} samples one game "
+                f"swaps in its next set (each game every ~{self._interval * len(self._rotating):,}), "
+                f"loaded ahead by a background thread into one spare slot; up to {max(self._mix)} windows of "
+                "different checkpoints per slot"
+            )
+        else:
+            lines.append("  static: all selected data is resident, no reloads")
+        return "\n".join(lines + self._excluded_lines())
+
+    def _excluded_lines(self) -> list[str]:
+        """plan_summary's lines on excluded and re-admitted checkpoints."""
+
+        def name(k: tuple[int, ...]) -> str:
+            return f"{self.games[k[0]]} run {k[1]} checkpoint {k[2]}"
+
+        lines = []
+        with self._lock:
+            excluded = sorted(self._excluded)
+        if excluded:
+            lines.append(f"  excluded (unreadable while streaming): {', '.join(map(name, excluded))}")
+        if self._readmitted:
+            back = ", ".join(map(name, self._readmitted))
+            lines.append(f"  taken back on resume (their files read fine again): {back}")
+        return lines
+
+    def plan_report(self, batch_size: int, total_samples: int) -> str:
+        """What the streaming does over a run of total_samples sample() calls of batch_size (this rank's):
+        slots, windows per slot, reload period, the fraction of the selected data that is ever loaded,
+        distinct checkpoints per batch (expected, uniform draws within each game's slot) and the gzip work
+        per swap. Works on a dry_run() sampler: python cql_multigame.py paper-suboptimal --plan-only."""
+        G = len(self.games)
+        per_game = batch_size / G  # samples of each game per batch (on average)
+        rows = lambda ps: sum(p.hi - p.lo for p in ps)  # noqa: E731
+        total_rows = [rows(ps) for ps in self._pieces]
+        ckpts = [len({p.key() for p in ps}) for ps in self._pieces]
+        phases = self._phases(total_samples)
+        seen_frac, distinct, gz = [], [], []
+        for g in range(G):
+            seen: set[Piece] = set()
+            d_sum = 0.0
+            for ph in range(phases[g] + 1):
+                pieces = self._set_for(g, ph)
+                seen.update(pieces)
+                weight: dict[tuple[int, int, int], int] = {}
+                for p in pieces:
+                    weight[p.key()] = weight.get(p.key(), 0) + p.hi - p.lo
+                n = sum(weight.values())
+                d_sum += sum(1 - (1 - w / n) ** per_game for w in weight.values())
+            seen_frac.append(rows(seen) / total_rows[g])
+            distinct.append(d_sum / (phases[g] + 1))
+            for pieces in self._sets[g] if g in self._rotating else []:
+                # gzip inflates each observation file up to the window's end, and the whole small files
+                work = 0
+                for p in pieces:
+                    info = self._infos[p.key()]
+                    end = min(_frame_range(info, p.lo, p.hi, self.n_step)[1], info.capacity)
+                    work += end * FRAME_BYTES + 9 * info.capacity
+                gz.append(work)
+        slot_gib = self._slot_frames * _ROW_BYTES / 2**30
+        mix = sorted(set(self._mix))
+
+        def span(xs: list[int]) -> str:
+            return f"{min(xs):,}" if min(xs) == max(xs) else f"{min(xs):,}-{max(xs):,}"
+
+        lines = [
+            f"plan: {G} games x runs {list(self.runs)} x checkpoints {self.checkpoints!r}, fraction "
+            f"{self.fraction}, n_step {self.n_step}; rank {self.rank} of {self.world_size}, "
+            f"{self.budget_bytes / 2**30:g} GiB, {total_samples:,} steps of {batch_size} samples",
+            f"  data: {span(ckpts)} checkpoints, {span(total_rows)} transitions per game "
+            f"({sum(total_rows):,} in all)",
+        ]
+        if not self._rotating:
+            lines.append(f"  slots: {G}, all data resident (static), no reloads")
+        else:
+            sets = [len(self._sets[g]) for g in self._rotating]
+            swap_s = np.mean(gz) / INFLATE_BYTES_PER_S
+            lines += [
+                f"  slots: {G + 1} of {self._slot_frames:,} frames ({slot_gib:.2f} GiB): one per game, one "
+                "spare for the background loader",
+                f"  windows per slot: {'/'.join(map(str, mix))}, each from a different checkpoint, up to "
+                f"{self._slot_frames // max(mix):,} frames; {span(sets)} sets per game",
+                f"  reload period: each game swaps every {self._interval * len(self._rotating):,} steps "
+                f"(one swap every {self._interval:,} steps), {span([phases[g] for g in self._rotating])} "
+                "swaps per game over the run",
+                f"  gzip work per swap: {np.mean(gz) / 1e9:.1f} GB inflated (observation files up to each "
+                f"window's end + the small files), ~{swap_s:.0f} s at {INFLATE_BYTES_PER_S / 1e9:.2f} GB/s: "
+                f"the loader keeps up below ~{self._interval / swap_s:.0f} steps/s",
+            ]
+        lines += [
+            f"  data seen over the run: {100 * np.mean(seen_frac):.1f}% of the selected transitions on "
+            f"average, {100 * min(seen_frac):.1f}% for the least-covered game",
+            f"  distinct checkpoints per batch: {sum(distinct):.0f} ({np.mean(distinct):.2f} per game's "
+            f"{per_game:.1f} samples, expected)",
+        ]
+        return "\n".join(lines)
+
+    def _phases(self, total_samples: int) -> list[int]:
+        """Per game: how many swaps it makes in total_samples sample() calls (phases 0..that are used)."""
+        if not self._rotating:
+            return [0] * len(self.games)
+        R, events = len(self._rotating), (total_samples - 1) // self._interval  # swaps at calls k * interval
+        out = [0] * len(self.games)
+        for r, g in enumerate(self._rotating):  # the k-th swap goes to rotating game (k - 1) % R
+            out[g] = (events - (r + 1)) // R + 1 if events >= r + 1 else 0
+        return out
+
+    def _cancel_job(self) -> None:
+        if self._job is not None:
+            self._stop.set()
+            self._job.done.wait()
+            self._stop.clear()
+            self._job = None
+
+    def close(self) -> None:
+        """Stop the background loader."""
+        self._cancel_job()
+
+    def __del__(self) -> None:
+        if getattr(self, "_job", None) is not None:
+            self._stop.set()
+
+    # --- streaming: planning slots, windows and sets --------------------------------------------------------
 
     def _plan_pieces(self, dqn_replay_sizes: bool = False) -> list[list[Piece]]:
         d = self.data_dir
@@ -1181,7 +1211,7 @@ class MultiGameReplay:
         perm = np.random.default_rng([self.seed, g, phase // len(sets)]).permutation(len(sets))
         return sets[perm[phase % len(sets)]]
 
-    # --- loading ---------------------------------------------------------------------------------------
+    # --- streaming: loading at start-up and in the background -----------------------------------------------
 
     def _load_piece(self, p: Piece, at: int) -> tuple[int, np.ndarray]:
         """Load piece p into arena rows starting at `at`; returns (rows used, arena positions of its valid
@@ -1327,34 +1357,7 @@ class MultiGameReplay:
         self._next_event += 1
         self._submit_next()
 
-    # --- sampling ---------------------------------------------------------------------------------------
-
-    def sample(self, batch_size: int) -> Batch:
-        """batch_size transitions: this rank's rows of a global batch of batch_size x world_size that holds
-        an equal share of every game plus rotating extras (rank_batch_games)."""
-        G = len(self.games)
-        if batch_size * self.world_size < G:
-            raise ValueError(
-                f"batch_size {batch_size} x {self.world_size} rank(s) is smaller than the {G} games; every "
-                f"global batch needs each game, use at least {math.ceil(G / self.world_size)} per rank."
-            )
-        if self._rotating and self._calls == self._next_event * self._interval:
-            self._swap()
-        game, high, start = self._layout(batch_size)
-        # [B] uniform within each game: floor(u * n) is ~3x faster than Generator.integers with per-row
-        # bounds; the minimum catches the one-in-2**53 draw that rounds up to n.
-        choice = np.minimum((self._rng.random(batch_size) * high).astype(np.int64), high - 1)
-        pos = self._valid[start + choice]  # [B] arena rows; their stacks and n-step windows are loaded
-        self._calls += 1
-        first = pos - (STACK - 1)  # [B] row of each state's oldest frame
-        return Batch(
-            obs=self._stacks[first],  # [B, 4, 84, 84]
-            action=self._action[pos].astype(np.int64),
-            reward=self._return[pos],
-            discount=self._discount[pos],
-            next_obs=self._stacks[first + self._next[pos]],
-            game=game.copy(),
-        )
+    # --- streaming: the per-call batch layout, cached -------------------------------------------------------
 
     def _layout(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For this call: each row's game [B] (this rank's rows of the global batch, see rank_batch_games),
@@ -1367,220 +1370,6 @@ class MultiGameReplay:
             slot = np.asarray(self._game_slot)[game]  # [B]
             self._layouts[key] = (game, self._slot_valid[slot], self._slot_start[slot])
         return self._layouts[key]
-
-    # --- state, stats, summary ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-typed state (cheap; fine to take after every batch): with load_state_dict, the next
-        batches after a restart equal those of an uninterrupted run."""
-        with self._lock:
-            excluded = sorted(list(k) for k in self._excluded)
-        return {
-            "games": list(self.games),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "calls": self._calls,
-            "rng": self._rng.bit_generator.state,
-            "phase": list(self._phase),
-            "next_event": self._next_event,
-            "reload_every": self.reload_every,  # resolved (auto depends on total_samples)
-            "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
-            "excluded": excluded,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["games"]) != self.games or (state["rank"], state["world_size"]) != (
-            self.rank,
-            self.world_size,
-        ):
-            raise ReplayDataError(
-                "replay state is from other games or another rank/world size; resume with the same settings."
-            )
-        self._cancel_job()
-        with self._lock:
-            self._excluded = self._recheck_excluded({tuple(k) for k in state["excluded"]})
-            self._stats["excluded_checkpoints"] = len(self._excluded)
-        for g, ps in enumerate(state["loaded"]):
-            pieces = [Piece(*p) for p in ps]
-            if any(p.key() not in self._infos for p in pieces):
-                raise ReplayDataError(
-                    "replay state names checkpoints outside this selection; resume with the same one."
-                )
-            if pieces != self._loaded[g]:
-                self._load_into_slot(self._game_slot[g], pieces)
-                self._loaded[g] = pieces
-        self._layouts.clear()
-        self._calls, self._phase = int(state["calls"]), [int(x) for x in state["phase"]]
-        self._next_event = int(state["next_event"])
-        if "reload_every" in state and self._rotating:  # keep the swap schedule the run started with
-            self.reload_every = int(state["reload_every"])  # (an auto period changes with --total-steps)
-            self._interval = max(1, self.reload_every // len(self._rotating))
-        self._rng.bit_generator.state = state["rng"]
-        self._submit_next()
-
-    def _recheck_excluded(self, excluded: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
-        """On resume: checkpoints excluded before (missing or corrupt files found while streaming) whose
-        files were scanned fine at this start-up are taken back (the files may be back); the rest stay
-        excluded. A file still corrupt inside is found again when loaded, and excluded again."""
-        self._readmitted = sorted(k for k in excluded if k in self._infos)
-        return excluded - set(self._readmitted)
-
-    def _excluded_lines(self) -> list[str]:
-        """plan_summary's lines on excluded and re-admitted checkpoints."""
-
-        def name(k: tuple[int, ...]) -> str:
-            return f"{self.games[k[0]]} run {k[1]} checkpoint {k[2]}"
-
-        lines = []
-        with self._lock:
-            excluded = sorted(self._excluded)
-        if excluded:
-            lines.append(f"  excluded (unreadable while streaming): {', '.join(map(name, excluded))}")
-        if self._readmitted:
-            back = ", ".join(map(name, self._readmitted))
-            lines.append(f"  taken back on resume (their files read fine again): {back}")
-        return lines
-
-    def stats(self) -> dict[str, Any]:
-        """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
-        per_game = {game: int(self._slot_valid[self._game_slot[g]]) for g, game in enumerate(self.games)}
-        with self._lock:
-            out = dict(self._stats)
-        return {"loaded_transitions": sum(per_game.values()), **out, "loaded_per_game": per_game}
-
-    def plan_summary(self) -> str:
-        G = len(self.games)
-        lines = [
-            f"replay plan (rank {self.rank}/{self.world_size}): {G} games x runs {list(self.runs)} x "
-            f"checkpoints {self.checkpoints!r}, fraction {self.fraction}, n_step {self.n_step}"
-        ]
-        for g, game in enumerate(self.games):
-            ckpts = sorted({(p.run, p.suffix) for p in self._pieces[g]})
-            n = sum(p.hi - p.lo for p in self._pieces[g])
-            lines.append(
-                f"  {game}: {len(ckpts)} checkpoints, {n:,} transitions ({n * FRAME_BYTES / 2**30:.2f} GiB "
-                f"of frames), {len(self._sets[g])} set(s) of up to {self._slot_frames:,} frames"
-            )
-        arena = int(self._slot_start[-1]) * _ROW_BYTES
-        lines.append(
-            f"  memory: {arena / 2**30:.2f} GiB resident of {self.budget_bytes / 2**30:.2f} GiB budget "
-            f"({_ROW_BYTES:,} B per loaded transition)"
-        )
-        if self._rotating:
-            lines.append(
-                f"  streaming: {len(self._rotating)} games rotate; every {self._interval:,} samples one game "
-                f"swaps in its next set (each game every ~{self._interval * len(self._rotating):,}), "
-                f"loaded ahead by a background thread into one spare slot; up to {max(self._mix)} windows of "
-                "different checkpoints per slot"
-            )
-        else:
-            lines.append("  static: all selected data is resident, no reloads")
-        return "\n".join(lines + self._excluded_lines())
-
-    def _phases(self, total_samples: int) -> list[int]:
-        """Per game: how many swaps it makes in total_samples sample() calls (phases 0..that are used)."""
-        if not self._rotating:
-            return [0] * len(self.games)
-        R, events = len(self._rotating), (total_samples - 1) // self._interval  # swaps at calls k * interval
-        out = [0] * len(self.games)
-        for r, g in enumerate(self._rotating):  # the k-th swap goes to rotating game (k - 1) % R
-            out[g] = (events - (r + 1)) // R + 1 if events >= r + 1 else 0
-        return out
-
-    def plan_report(self, batch_size: int, total_samples: int) -> str:
-        """What the streaming does over a run of total_samples sample() calls of batch_size (this rank's):
-        slots, windows per slot, reload period, the fraction of the selected data that is ever loaded,
-        distinct checkpoints per batch (expected, uniform draws within each game's slot) and the gzip work
-        per swap. Works on a dry_run() sampler: python cql_multigame.py paper-suboptimal --plan-only."""
-        G = len(self.games)
-        per_game = batch_size / G  # samples of each game per batch (on average)
-        rows = lambda ps: sum(p.hi - p.lo for p in ps)  # noqa: E731
-        total_rows = [rows(ps) for ps in self._pieces]
-        ckpts = [len({p.key() for p in ps}) for ps in self._pieces]
-        phases = self._phases(total_samples)
-        seen_frac, distinct, gz = [], [], []
-        for g in range(G):
-            seen: set[Piece] = set()
-            d_sum = 0.0
-            for ph in range(phases[g] + 1):
-                pieces = self._set_for(g, ph)
-                seen.update(pieces)
-                weight: dict[tuple[int, int, int], int] = {}
-                for p in pieces:
-                    weight[p.key()] = weight.get(p.key(), 0) + p.hi - p.lo
-                n = sum(weight.values())
-                d_sum += sum(1 - (1 - w / n) ** per_game for w in weight.values())
-            seen_frac.append(rows(seen) / total_rows[g])
-            distinct.append(d_sum / (phases[g] + 1))
-            for pieces in self._sets[g] if g in self._rotating else []:
-                # gzip inflates each observation file up to the window's end, and the whole small files
-                work = 0
-                for p in pieces:
-                    info = self._infos[p.key()]
-                    end = min(_frame_range(info, p.lo, p.hi, self.n_step)[1], info.capacity)
-                    work += end * FRAME_BYTES + 9 * info.capacity
-                gz.append(work)
-        slot_gib = self._slot_frames * _ROW_BYTES / 2**30
-        mix = sorted(set(self._mix))
-
-        def span(xs: list[int]) -> str:
-            return f"{min(xs):,}" if min(xs) == max(xs) else f"{min(xs):,}-{max(xs):,}"
-
-        lines = [
-            f"plan: {G} games x runs {list(self.runs)} x checkpoints {self.checkpoints!r}, fraction "
-            f"{self.fraction}, n_step {self.n_step}; rank {self.rank} of {self.world_size}, "
-            f"{self.budget_bytes / 2**30:g} GiB, {total_samples:,} steps of {batch_size} samples",
-            f"  data: {span(ckpts)} checkpoints, {span(total_rows)} transitions per game "
-            f"({sum(total_rows):,} in all)",
-        ]
-        if not self._rotating:
-            lines.append(f"  slots: {G}, all data resident (static), no reloads")
-        else:
-            sets = [len(self._sets[g]) for g in self._rotating]
-            swap_s = np.mean(gz) / INFLATE_BYTES_PER_S
-            lines += [
-                f"  slots: {G + 1} of {self._slot_frames:,} frames ({slot_gib:.2f} GiB): one per game, one "
-                "spare for the background loader",
-                f"  windows per slot: {'/'.join(map(str, mix))}, each from a different checkpoint, up to "
-                f"{self._slot_frames // max(mix):,} frames; {span(sets)} sets per game",
-                f"  reload period: each game swaps every {self._interval * len(self._rotating):,} steps "
-                f"(one swap every {self._interval:,} steps), {span([phases[g] for g in self._rotating])} "
-                "swaps per game over the run",
-                f"  gzip work per swap: {np.mean(gz) / 1e9:.1f} GB inflated (observation files up to each "
-                f"window's end + the small files), ~{swap_s:.0f} s at {INFLATE_BYTES_PER_S / 1e9:.2f} GB/s: "
-                f"the loader keeps up below ~{self._interval / swap_s:.0f} steps/s",
-            ]
-        lines += [
-            f"  data seen over the run: {100 * np.mean(seen_frac):.1f}% of the selected transitions on "
-            f"average, {100 * min(seen_frac):.1f}% for the least-covered game",
-            f"  distinct checkpoints per batch: {sum(distinct):.0f} ({np.mean(distinct):.2f} per game's "
-            f"{per_game:.1f} samples, expected)",
-        ]
-        return "\n".join(lines)
-
-    def _cancel_job(self) -> None:
-        if self._job is not None:
-            self._stop.set()
-            self._job.done.wait()
-            self._stop.clear()
-            self._job = None
-
-    def close(self) -> None:
-        """Stop the background loader."""
-        self._cancel_job()
-
-    def __del__(self) -> None:
-        if getattr(self, "_job", None) is not None:
-            self._stop.set()
-
-
-def _layout_phase(
-    global_batch: int, num_games: int, call: int, rank: int, world_size: int
-) -> tuple[int, int]:
-    """(where the extra rows start, which block of the global batch this rank takes) at `call`."""
-    extra = global_batch % num_games
-    period = num_games // math.gcd(extra, num_games)  # calls per full turn of the extras (1 if none)
-    return call * extra % num_games, (rank + call // period) % world_size
 
 
 def rank_batch_games(
@@ -1607,6 +1396,15 @@ def rank_batch_games(
     return game[block * b : (block + 1) * b]
 
 
+def _layout_phase(
+    global_batch: int, num_games: int, call: int, rank: int, world_size: int
+) -> tuple[int, int]:
+    """(where the extra rows start, which block of the global batch this rank takes) at `call`."""
+    extra = global_batch % num_games
+    period = num_games // math.gcd(extra, num_games)  # calls per full turn of the extras (1 if none)
+    return call * extra % num_games, (rank + call // period) % world_size
+
+
 def _dist_rank_world() -> tuple[int, int]:
     torch = sys.modules.get("torch")  # never import torch just to ask
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1615,7 +1413,214 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The streaming machinery's helpers: windows, the background loader, the gzip reader, malloc
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A contiguous range [lo, hi) of one checkpoint's indices (physical file order) that gets loaded."""
+
+    game: int
+    run: int
+    suffix: int
+    lo: int
+    hi: int
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.game, self.run, self.suffix)
+
+    def to_list(self) -> list[int]:
+        return [self.game, self.run, self.suffix, self.lo, self.hi]
+
+
+def _frame_range(info: CheckpointInfo, lo: int, hi: int, n_step: int) -> tuple[int, int]:
+    """Frames [vlo, vhi) (indices may run past the file ends = circular wrap) that piece [lo, hi) needs."""
+    full = info.add_count >= info.capacity
+    if full and lo == 0 and hi == info.capacity:  # a whole circular buffer: pad with its wrapped frames
+        return 1 - STACK, info.capacity + n_step
+    return max(0, lo - (STACK - 1)), min(info.num_stored, hi + n_step)
+
+
+def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(lo, hi, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+class _Job:
+    """A background load (daemon thread) whose result the learner collects at a fixed sample count."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # handed to the learner at the swap
+            self.error = e
+        finally:
+            self.done.set()
+
+
+# checkpoint load (gzip inflate + parse) measured by benchmarks/bench_replay.py on this project's CPU (README)
+INFLATE_BYTES_PER_S = 1.439e9
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _GzipNpy:
+    """One np.save'd array read out of a .gz file at zlib speed: the header first, then rows decompressed
+    straight into numpy buffers (no Python loop per element, no pickle). Raises ReplayDataError for
+    missing, truncated or corrupt files and for object dtypes."""
+
+    _IN_CHUNK = 1 << 18  # compressed bytes per read
+    _OUT_CHUNK = 1 << 20  # decompressed bytes per zlib call: small enough to copy while in cache
+
+    def __init__(self, path: Path, stop: threading.Event | None = None):
+        self.path, self._stop = path, stop
+        try:
+            self._fh = open(path, "rb")  # noqa: SIM115 (closed in close())
+        except FileNotFoundError:
+            raise ReplayDataError(f"{path} is missing: re-download or re-record this checkpoint.") from None
+        self._d = zlib.decompressobj(wbits=31)  # 31: gzip container, CRC32 checked at the end
+        self._in_chunk = 1 << 16  # small first read: headers are all that a scan needs
+        self._ended = False
+        try:
+            version = np.lib.format.read_magic(self)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ReplayDataError:
+            self.close()
+            raise
+        except (ValueError, OSError, EOFError) as e:
+            self.close()
+            raise ReplayDataError(
+                f"{path} does not hold a .npy array ({e}); re-download or re-record this checkpoint."
+            ) from None
+        if dtype.hasobject or fortran:
+            self.close()
+            raise ReplayDataError(
+                f"{path} holds an object or Fortran-order array, which DQN-Replay never writes (and which "
+                "would need pickle); re-download or re-record this checkpoint."
+            )
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def _corrupt(self, why: str) -> ReplayDataError:
+        return ReplayDataError(f"{self.path} is truncated or corrupt ({why}); re-download or re-record it.")
+
+    def _raw(self, max_len: int) -> bytes:
+        """Up to max_len (>= 1) decompressed bytes; b'' only at the clean end of the gzip stream."""
+        while True:
+            if self._stop is not None and self._stop.is_set():
+                raise _Cancelled
+            if self._d.eof:
+                data = self._d.unused_data or self._fh.read(self._in_chunk)
+                if not data.strip(b"\x00"):  # end of file (gzip tolerates zero padding)
+                    self._ended = True
+                    return b""
+                self._d = zlib.decompressobj(wbits=31)  # another gzip member
+            else:
+                data = self._d.unconsumed_tail or self._fh.read(self._in_chunk)
+                self._in_chunk = self._IN_CHUNK
+            try:
+                out = self._d.decompress(data, max_len)  # b"" input still flushes pending output
+            except zlib.error as e:
+                raise self._corrupt(str(e)) from None
+            if out:
+                return out
+            if not data and not self._d.eof:
+                raise self._corrupt("the gzip stream ends early")
+
+    def read(self, n: int) -> bytes:  # used by np.lib.format's header parser
+        parts, have = [], 0
+        while have < n:
+            out = self._raw(n - have)
+            if not out:
+                break
+            parts.append(out)
+            have += len(out)
+        return b"".join(parts)
+
+    def readinto(self, buffer: np.ndarray) -> None:
+        """Fill a C-contiguous array completely with the next bytes of the stream."""
+        mv = memoryview(buffer).cast("B")
+        pos, total = 0, len(mv)
+        while pos < total:
+            out = self._raw(min(total - pos, self._OUT_CHUNK))
+            if not out:
+                raise self._corrupt(f"the data ends after {pos:,} of {total:,} bytes")
+            mv[pos : pos + len(out)] = out
+            pos += len(out)
+
+    def skip(self, nbytes: int) -> None:
+        while nbytes > 0:
+            out = self._raw(min(nbytes, self._OUT_CHUNK))
+            if not out:
+                raise self._corrupt("the data ends early")
+            nbytes -= len(out)
+
+    def finish(self) -> None:
+        """Check that nothing follows the array and that the gzip CRC matched."""
+        if self._raw(1):
+            raise self._corrupt("extra bytes after the array")
+
+    def read_all(self) -> np.ndarray:
+        arr = np.empty(self.shape, self.dtype)
+        self.readinto(arr)
+        self.finish()
+        return arr
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _GzipNpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_small(path: Path) -> np.ndarray:
+    with _GzipNpy(path) as f:
+        return f.read_all()
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Let glibc keep the memory of freed batches instead of handing it back to the OS after every batch.
+
+    A batch of frames (0.9 MB at batch 32, 14 MB at 512) is above glibc's default mmap threshold, so each
+    sample() would map fresh pages and take a page fault per 4 KB on first write, costing more than the copy
+    itself (measured here: gather of 32 transitions 0.57 -> 0.11 ms, of 512: 4.3 -> 2.1 ms). Raising the mmap
+    threshold to glibc's 32 MB maximum and the trim threshold to 256 MB makes freed batches reusable heap
+    memory. Process-wide; it changes no result; a no-op without glibc (macOS, Windows, musl).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The recorder: play ALE, write DQN-Replay checkpoints
+
 
 _progress_counter: Any = None  # a multiprocessing.Value in worker processes
 
