@@ -55,8 +55,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------------------
-# The DQN-Replay file format (the table in the module docstring). Every file is read through _GzipNpy, which
-# sits with the streaming machinery below.
+# The DQN-Replay file format (the files named in the module docstring). Every file is read through _GzipNpy,
+# which sits with the streaming machinery below.
 
 
 STACK = 4  # frames per state (Dopamine's stack_size; DQN-Replay was recorded with it)
