@@ -336,8 +336,31 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
             "greedy_share": {str(a): float(np.mean(greedy == a)) for a in legal},
             "data_share": {str(int(a)): float(c / counts.sum()) for a, c in zip(values, counts, strict=True)},
             "q_gap_best_second": float(np.mean(top2[:, 1] - top2[:, 0])),
+            # per legal action: its mean expected Q on the sampled states (does it follow the data shares?)
+            "mean_q": {str(a): float(q[rows][:, a].mean()) for a in legal},
         }
     return out
+
+
+def add_mean_q(args: Args, runs: dict[str, dict[str, Any]]) -> None:
+    """Runs whose final stage was diagnosed before `mean_q` existed: diagnose their final checkpoint again
+    (the same sample: same checkpoint and seed) and store it in stages.json."""
+    final = str(args.eval_at[-1])
+    for name, stages in runs.items():
+        if final not in stages or all("mean_q" in d for d in stages[final]["diagnostics"].values()):
+            continue
+        method, seed = name.rsplit("_seed", 1)
+        run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
+        if int(torch_step(run_dir / "checkpoint.pt")) != int(final):
+            continue  # the checkpoint is no longer the final stage's network
+        stages[final]["diagnostics"] = greedy_diagnostics(args, run_dir / "checkpoint.pt", int(seed))
+        (run_dir / "stages.json").write_text(json.dumps(stages, indent=1))
+
+
+def torch_step(checkpoint: Path) -> int:
+    import cql_multigame
+
+    return int(cql_multigame.load_checkpoint(checkpoint)["step"])
 
 
 def _die_with_parent() -> None:
@@ -404,6 +427,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "greedy_is_data_mode": share.get(mode, 0.0),
                     "greedy_is_good_action": None if good is None else share.get(str(good), 0.0),
                     "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
+                    "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -436,6 +460,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
         claim[game] = {**checks, "holds": all(c is not None and c["holds"] for c in checks.values())}
     games_holding = [g for g in args.games if claim[g]["holds"]]
     return {
+        "data_action_shares": data_shares,
         "table": table,
         "curves": curves,
         "greedy_actions": greedy,
@@ -495,6 +520,26 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             cells.append(f"{mode:.2f} / {good}")
         good_name = "state-dependent" if g["good_action"] is None else ACTION_NAMES[g["good_action"]]
         lines.append(f"| {game} | {ACTION_NAMES[g['data_mode']]} | {good_name} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "mean Q of every action on dataset states, best first (mean over seeds; in brackets: the action's "
+        "share of the data)",
+        "",
+        "| game | method | " + " | ".join(f"Q (share) {i + 1}" for i in range(6)) + " |",
+        "|---|---|" + "---:|" * 6,
+    ]
+    for game in args.games:
+        g = agg["greedy_actions"][game]
+        shares = agg["data_action_shares"][game]
+        for m in ("bc", "td", "cql"):
+            rs = [r["mean_q"] for n, r in g["runs"].items() if n.startswith(f"{m}_seed") and r["mean_q"]]
+            if not rs:
+                continue
+            q = {a: float(np.mean([r[a] for r in rs])) for a in rs[0]}
+            cells = [f"{ACTION_NAMES[int(a)]} {v:.3f} ({shares.get(a, 0.0):.0%})"
+                     for a, v in sorted(q.items(), key=lambda kv: -kv[1])]  # fmt: skip
+            cells += [""] * (6 - len(cells))
+            lines.append(f"| {game} | {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -587,6 +632,7 @@ def main(args: Args) -> dict[str, Any]:
     behavior = behavior_returns(args)
     shares = data_action_shares(args)
     runs = run_all(args)
+    add_mean_q(args, runs)
     agg = aggregate(args, behavior, runs, shares)
     result = {
         "args": dataclasses.asdict(args),

@@ -132,6 +132,10 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
         assert sorted(stages, key=int) == ["10", "20"] and stages["20"]["step"] == 20
         diag = stages["20"]["diagnostics"]["Breakout"]
         assert sum(diag["greedy_share"].values()) == pytest.approx(1.0)
+        assert set(diag["mean_q"]) == set(diag["greedy_share"])  # one mean Q per legal action
+        best = max(diag["mean_q"].values())
+        assert diag["q_gap_best_second"] >= 0 and np.isfinite(best)
+    assert "mean Q of every action on dataset states" in out.stdout
     assert result["args"]["quick"] and result["table"]["Freeway"]["cql"]["seeds"] == 1
     cql_stages = tmp_path / "runs_dir" / f"cql_alpha{evidence.Args().cql_alpha:g}_seed1" / "stages.json"
     before = cql_stages.read_text()
