@@ -231,7 +231,7 @@ def format_table(title: str, unit: str, curves: dict[str, dict[str, dict[str, fl
     return "\n".join(lines)
 
 
-def plot(args: Args, offline: dict, online: dict, out: Path) -> list[str]:
+def plot(args: Args, offline: dict, online: dict, behavior: float | None, out: Path) -> list[str]:
     try:
         import matplotlib
 
@@ -254,6 +254,8 @@ def plot(args: Args, offline: dict, online: dict, out: Path) -> list[str]:
             se = np.array([c[str(s)]["se"] for s in steps])
             ax.plot(steps, mean, marker="o", label=label)
             ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+        if name == "transfer_offline.png" and behavior is not None:
+            ax.axhline(behavior, color="gray", linestyle="--", label="behavior (the data)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"return ({args.eval_episodes} episodes, cap {args.eval_max_steps:,} steps)")
         ax.set_title(title, fontsize=9)
@@ -317,7 +319,7 @@ def main(args: Args) -> dict[str, Any]:
         "wall_seconds_this_invocation": time.perf_counter() - start,
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
     }
-    result["plots"] = plot(args, offline, online, out) if args.plots else []
+    result["plots"] = plot(args, offline, online, behavior["mean"], out) if args.plots else []
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print("\n\n".join(tables))
     print(f"results: {out / 'results.json'}" + "".join(f"\nplot:    {p}" for p in result["plots"]))
