@@ -888,8 +888,9 @@ def checkpoint_state(
 
 
 def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (a 7x faster Adam step on
-    CPU, the same result to rounding). torch_xla's optimizer_step needs the default implementation."""
+    """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (the same result to
+    rounding; its speed-up is in the README's Performance section). torch_xla's optimizer_step needs the
+    default implementation."""
     params = [p for p in params if p.requires_grad]
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
 
@@ -1248,7 +1249,7 @@ class BatchStream:
 def to_cpu(obj: Any) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor moved to the CPU in one batched transfer:
     on XLA one call for all tensors (as xm.save does), on CUDA non-blocking copies and one synchronize,
-    instead of one blocking .cpu() per tensor (68 per save in the tiny run)."""
+    instead of one blocking .cpu() per tensor."""
     tensors: list[torch.Tensor] = []
 
     def collect(o: Any) -> Any:  # the structure with every tensor replaced by its index in `tensors`

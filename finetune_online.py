@@ -497,13 +497,13 @@ def train_online(
     if resume is None:
         buffers = make_buffers(args, legal.tolist())
     else:
-        on = resume["online"]
+        online_state = resume["online"]
         net.load_state_dict(resume["model"])
         target_net.load_state_dict(resume["target"])
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
-        rng.bit_generator.state = on["numpy_rng"]
-        buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", on["buffer_suffix"])
+        rng.bit_generator.state = online_state["numpy_rng"]
+        buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", online_state["buffer_suffix"])
     logger = ReplayLogger(args.log_replay_dir, game, buffers, args.n_step) if args.log_replay_dir else None
     if logger is not None and resume is not None:
         logger.load_state_dict(resume["online"]["logger"])
@@ -544,9 +544,10 @@ def train_online(
     env_steps = vec_steps = updates = resumes = 0
     next_eval, next_save = args.eval_every, args.save_every
     if resume is not None:
-        on = resume["online"]
-        env_steps, vec_steps, updates = on["env_steps"], on["vec_steps"], on["updates"]
-        next_eval, next_save, resumes = on["next_eval"], on["next_save"], on["resumes"] + 1
+        env_steps, vec_steps, updates, next_eval, next_save = (
+            resume["online"][k] for k in ("env_steps", "vec_steps", "updates", "next_eval", "next_save")
+        )
+        resumes = resume["online"]["resumes"] + 1
         print(f"resumed {run_dir} at {env_steps:,} env steps, {updates:,} updates (resume {resumes})")
     progress = tqdm(
         total=args.total_env_steps, initial=env_steps, unit="step", dynamic_ncols=True, mininterval=1.0
@@ -608,8 +609,8 @@ def train_online(
             # sampled once each env has added more than n_step transitions (vec_steps > n_step).
             due = max(env_steps - args.learning_starts, 0) // args.train_every
             while updates < due and vec_steps > args.n_step:
-                b = sample_batch(buffers, args.batch_size, rng, updates)
-                batch = {k: torch.from_numpy(v).to(device) for k, v in b._asdict().items()}
+                sampled = sample_batch(buffers, args.batch_size, rng, updates)
+                batch = {k: torch.from_numpy(v).to(device) for k, v in sampled._asdict().items()}
                 metrics = cql_multigame.update(learner, batch)
                 updates += 1
                 if updates % args.target_update_every == 0:
