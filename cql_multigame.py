@@ -18,9 +18,9 @@ anything our sources do not state, which is marked "ours" where it is set (see t
 Read top to bottom, in the paper's order: `Args` and the presets; the math (`categorical_projection`,
 `c51_cql_loss`, `expected_q`, `target_action`, `compute_loss`); one training step (`update`); the loop
 (`train`, which finetune_offline.py runs too); `main`. Below `main`, the machinery it calls, each in a
-named section: the run folder (logs, evaluations, checkpoints), devices and processes (DDP, XLA),
-batches (`BatchStream`), checkpoint files, evaluation, input checks, reliability (signals, locks, disks)
-and the command line.
+named section: main's set-up (resume, replay), the run folder (`Run`: logs, evaluations, checkpoints),
+devices and processes (torchrun DDP, torch-xla), batches (`BatchStream`), checkpoint files, evaluation,
+input checks, reliability (flag ranges, resume checks, run locks, signals, disks) and the command line.
 """
 
 from __future__ import annotations
@@ -529,11 +529,11 @@ def main(args: Args) -> dict[str, Any]:
         )  # fmt: skip
 
         # the loop, then the final evaluation
+        if processes.is_first:
+            print_start(args, device, processes, net, run_dir)
         run = Run(args, run_dir, list(args.games), processes, resume_command(run_dir, "cql_multigame.py"))
         run.open(step, resumed=resume_ckpt is not None, xla_metrics=args.xla_metrics and device.type == "xla")
         cleanup.callback(run.close)
-        if processes.is_first:
-            print_start(args, device, processes, net, run_dir)
         stream = BatchStream(data, args.batch_size // processes.world_size, device, args.prefetch,
                              mesh=processes.mesh)  # fmt: skip
         stream.games_seen = [] if args.save_all_ranks else None
@@ -552,7 +552,7 @@ def main(args: Args) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# main's set-up: resuming, the replay, the start line
+# main's set-up: resume, the replay, the start line
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -666,11 +666,13 @@ class Run:
     processes: Processes = dataclasses.field(default_factory=lambda: Processes())
     resume_cmd: str | None = None  # the command that continues this run (None: the script has no --resume)
     report: Callable[[dict[str, Any], int], str] | None = None  # an evaluation's text (None: format_summary)
-    writer: Any = None  # TensorBoard SummaryWriter, first process only
-    progress: Any = None  # tqdm bar, first process only
-    last_good: int | None = None  # step of the newest good checkpoint
-    xla_metrics: bool = False  # print torch_xla's compile/execute counts at every log (--xla-metrics)
-    _last_log: tuple[float, int, float] = (0.0, 0, 0.0)  # time, step, data wait time at the last log
+    # set by open():
+    writer: Any = dataclasses.field(default=None, init=False)  # TensorBoard SummaryWriter, first process
+    progress: Any = dataclasses.field(default=None, init=False)  # tqdm bar, first process
+    last_good: int | None = dataclasses.field(default=None, init=False)  # step of the newest good checkpoint
+    xla_metrics: bool = dataclasses.field(default=False, init=False)  # print XLA compile counts at each log
+    # time, step and the stream's total data wait at the last log
+    _last_log: tuple[float, int, float] = dataclasses.field(default=(0.0, 0, 0.0), init=False)
 
     @property
     def checkpoint(self) -> Path:
@@ -832,7 +834,7 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run folders, logs and the optimizer
+# Logs, run names, the optimizer and the replay plan
 # ----------------------------------------------------------------------------------------------------
 
 
