@@ -461,11 +461,8 @@ def train(
             if stop_requested(stop, run.processes, step, evaluated):
                 run.stop_with_checkpoint(learner, step, replay_state, stop)
     except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
-        raise RunInterrupted(
-            f"stopped at once by a second {signal.Signals(e.signum).name} (at step {step:,}), without "
-            f"saving; {run.last_good_text()}; {run.how_to_go_on('resume with')}",
-            e.signum,
-        ) from None
+        what_next = f"{run.last_good_text()}; {run.how_to_go_on('resume with')}"
+        raise stopped_at_once(e, f"at step {step:,}", what_next) from None
     finally:
         stop.abandon = True
         stream.close()
@@ -1865,6 +1862,15 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def stopped_at_once(e: Interrupted, where: str, what_next: str) -> RunInterrupted:
+    """The line of a second SIGINT/SIGTERM, which stops a training loop at once: the step or save it cut
+    is not saved. `where`: "at step 7"; `what_next`: the last good save and how to go on."""
+    return RunInterrupted(
+        f"stopped at once by a second {signal.Signals(e.signum).name} ({where}), without saving; {what_next}",
+        e.signum,
+    )
 
 
 class StopSignals:

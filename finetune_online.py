@@ -669,11 +669,8 @@ def train_online(
         if logger is not None:
             logger.final()
     except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
-        raise RunInterrupted(
-            f"stopped at once by a second {e}, without saving; the last save is {state_path} if it exists; "
-            f"{resume_with}",
-            e.signum,
-        ) from None
+        what_next = f"the last save is {state_path} if it exists; {resume_with}"
+        raise cql_multigame.stopped_at_once(e, f"at {env_steps:,} env steps", what_next) from None
     finally:
         stop.abandon = True
         progress.close()
