@@ -15,8 +15,12 @@ Implements Kumar et al., "Offline Q-Learning on Diverse Multi-Task Data Both Sca
 Left out: the paper's exact TPU input pipeline (we stream checkpoints with replay.py instead), and
 anything our sources do not state, which is marked "ours" where it is set (see the README's deviations).
 
-Read top to bottom: `Args` and the presets, device and distributed set-up, the math
-(`categorical_projection`, `c51_cql_loss`, `compute_loss`), checkpoints, evaluation, then `main`.
+Read top to bottom, in the paper's order: `Args` and the presets; the math (`categorical_projection`,
+`c51_cql_loss`, `expected_q`, `target_action`, `compute_loss`); one training step (`update`); the loop
+(`train`, which finetune_offline.py runs too); `main`. Below `main`, the machinery it calls, each in a
+named section: main's set-up (resume, replay), the run folder (`Run`: logs, evaluations, checkpoints),
+devices and processes (torchrun DDP, torch-xla), batches (`BatchStream`), checkpoint files, evaluation,
+input checks, reliability (flag ranges, resume checks, run locks, signals, disks) and the command line.
 """
 
 from __future__ import annotations
@@ -56,8 +60,27 @@ import resnet
 
 
 @dataclass
-class Args:
-    """Scaled QL: multi-game offline C51 + CQL. Defaults are the paper's; "ours" marks unstated values."""
+class EvalArgs:
+    """The evaluation flags of all three training scripts (DQN-Replay protocol, see atari.evaluate). Each
+    script's Args inherits them, so the flags keep their names (--eval-episodes, ...)."""
+
+    eval_episodes: int = 8
+    """episodes per game at every evaluation (ours)"""
+    eval_envs: int = 8
+    """episodes played in parallel, one batched forward per step"""
+    eval_workers: int = 0
+    """subprocesses stepping the evaluation envs (0: in this process; ALE holds the GIL, so threads would not
+    help); up to one per free core, same episodes and returns"""
+    eval_epsilon: float = 0.001
+    """epsilon of the evaluation policy (DQN-Replay protocol)"""
+    eval_max_steps: int = 27_000
+    """agent steps per evaluation episode (DQN-Replay protocol: 27,000 = 108k frames)"""
+
+
+@dataclass
+class Args(EvalArgs):
+    """Scaled QL: multi-game offline C51 + CQL. Defaults are the paper's; "ours" marks unstated values.
+    The evaluation flags (--eval-episodes, ...) come from EvalArgs."""
 
     # --- run ---
     run_name: str = ""
@@ -147,28 +170,19 @@ class Args:
 
     # --- speed ---
     channels_last: bool = False
-    """store conv activations channels-last (faster on CUDA tensor cores; on CPU impala 1.25x)"""
+    """store conv activations channels-last (faster on CUDA tensor cores, and for impala and tiny on CPU:
+    see the README's Performance section)"""
     bf16: bool = False
     """bfloat16 autocast for the network on CUDA/XLA; the loss math stays float32"""
     compile: bool = False
-    """torch.compile the loss computation (CUDA; on a 2-core CPU: 76 s to compile tiny, no speed-up)"""
+    """torch.compile the loss computation (meant for CUDA; on CPU it gains nothing, see the README's
+    Performance section)"""
 
-    # --- logging, evaluation, checkpoints ---
+    # --- logging, evaluation (and EvalArgs), checkpoints ---
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
     eval_every: int = 500_000
     """gradient steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 8
-    """episodes per game at every evaluation (ours)"""
-    eval_envs: int = 8
-    """episodes played in parallel, one batched forward per step"""
-    eval_workers: int = 0
-    """subprocesses stepping the evaluation envs (0: in this process; ALE holds the GIL, so threads would not
-    help); up to one per free core, same episodes and returns (2 on a 2-core CPU: 1.2x faster stepping)"""
-    eval_epsilon: float = 0.001
-    """epsilon of the evaluation policy (DQN-Replay protocol)"""
-    eval_max_steps: int = 27_000
-    """agent steps per evaluation episode (DQN-Replay protocol: 27,000 = 108k frames)"""
     save_every: int = 100_000
     """gradient steps between checkpoints (also written at the end)"""
     save_all_ranks: bool = False
@@ -236,7 +250,707 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices and processes
+# The math: C51 projection, the C51 + CQL loss, expected Q, the target's action
+# ----------------------------------------------------------------------------------------------------
+
+
+def categorical_projection(
+    next_probs: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor, support: torch.Tensor
+) -> torch.Tensor:
+    """Project the distribution of  reward + discount * Z'  back onto the fixed support (C51, Alg. 1).
+
+    Dense and fixed-shape, as in Dopamine's `project_distribution`: every shifted target atom spreads its
+    mass over the support atoms with a triangle kernel of width one atom spacing, so an atom landing
+    exactly on a support point gives all its mass to that point, and targets outside [v_min, v_max] are
+    clamped to the end atoms first. No loop over the batch; compiles to one graph on XLA.
+
+    next_probs [B, K] (sums to 1), reward [B], discount [B] (gamma**n, 0 at terminals), support [K].
+    Returns [B, K], each row summing to 1.
+    """
+    v_min, v_max = support[0], support[-1]
+    delta = (v_max - v_min) / (support.shape[0] - 1)
+    target_atoms = reward[:, None] + discount[:, None] * support[None, :]  # [B, K]
+    target_atoms = target_atoms.clamp(v_min, v_max)
+    # weight[b, i, j]: share of target atom j that lands on support atom i
+    distance = (target_atoms[:, None, :] - support[None, :, None]).abs()  # [B, K_i, K_j]
+    weight = (1.0 - distance / delta).clamp(min=0.0)  # [B, K, K]
+    return torch.einsum("bij,bj->bi", weight, next_probs)  # [B, K]
+
+
+def c51_cql_loss(
+    logits: torch.Tensor,
+    action: torch.Tensor,
+    target_probs: torch.Tensor,
+    support: torch.Tensor,
+    legal: torch.Tensor,
+    cql_alpha: float,
+    td_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Scaled QL loss: C51 cross-entropy TD loss + cql_alpha * CQL regularizer (Sec. 4).
+
+    logits [B, A, K] of the online network; action [B] full-set ids of the data; target_probs [B, K]
+    (already projected, no gradient); support [K]; legal [B, A] bool, the game's minimal action set.
+
+    TD:  -sum_k target_probs[k] * log_softmax(logits[action])[k]
+    CQL: logsumexp over legal a of Q(s, a)  -  Q(s, a_data), with Q = sum_k softmax(logits[a])_k z_k.
+    Illegal actions enter neither term. With td_weight=0 the loss is cql_alpha times the cross-entropy of
+    the data action under softmax(Q) over legal actions: behavior cloning on the same network.
+    Returns the mean loss and detached metrics (device tensors; read them only at log intervals).
+    """
+    logits = logits.float()  # the loss math stays in float32 under bf16 autocast
+    batch = torch.arange(logits.shape[0], device=logits.device)
+    log_probs = F.log_softmax(logits, dim=-1)  # [B, A, K]
+    td = -(target_probs * log_probs[batch, action]).sum(-1)  # [B]
+
+    q = (log_probs.exp() * support).sum(-1)  # [B, A] expected_q, from the log-probabilities TD uses
+    q_legal = q.masked_fill(~legal, float("-inf"))  # [B, A]
+    q_data = q[batch, action]  # [B]
+    cql = torch.logsumexp(q_legal, dim=-1) - q_data  # [B]
+
+    loss = (td_weight * td + cql_alpha * cql).mean()
+    metrics = {
+        "td_loss": td.mean().detach(),
+        "cql_term": cql.mean().detach(),
+        "q_data": q_data.mean().detach(),
+        "q_max": q_legal.max(-1).values.mean().detach(),
+        "loss": loss.detach(),
+    }
+    return loss, metrics
+
+
+def expected_q(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """[B, A, K] logits -> [B, A] expected Q-values, sum_k softmax(logits)_k z_k (every script's Q)."""
+    return (logits.float().softmax(-1) * support).sum(-1)
+
+
+def target_action(q: torch.Tensor, legal: torch.Tensor) -> torch.Tensor:
+    """The next action of the n-step target: argmax of q [B, A] over the legal actions (legal [B, A]
+    bool) only, so an action the game does not have can never be the bootstrap action. Returns [B]."""
+    return q.masked_fill(~legal, float("-inf")).argmax(-1)
+
+
+def legal_action_table(games: list[str] | tuple[str, ...], num_actions: int = 18) -> torch.Tensor:
+    """[G, A] bool: which full-set actions are in each game's minimal action set (from ALE)."""
+    table = torch.zeros(len(games), num_actions, dtype=torch.bool)
+    for g, game in enumerate(games):
+        table[g, atari.legal_actions(game)] = True
+    return table
+
+
+def compute_loss(
+    net: torch.nn.Module,
+    target_net: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    support: torch.Tensor,
+    legal_table: torch.Tensor,
+    cql_alpha: float,
+    td_weight: float = 1.0,
+    bf16: bool = False,
+    double_q: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch -> (loss, metrics): n-step C51 target from the target network, then `c51_cql_loss`.
+
+    batch: obs, next_obs uint8 [B, 4, 84, 84]; action, game int64 [B]; reward, discount float32 [B].
+    The next action is the argmax over legal actions of the target network's Q (plain C51, ours), or of the
+    online network's Q with double_q (double DQN, as Dopamine's offline configs); its distribution always
+    comes from the target network.
+    """
+    legal = legal_table[batch["game"]]  # [B, A]
+    autocast = torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=bf16)
+    if td_weight != 0.0:
+        with torch.no_grad(), autocast:
+            next_logits = target_net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
+        next_probs = next_logits.softmax(-1)  # [B, A, K]
+        chooser_logits = next_logits  # [B, A, K] whose Q picks the next action
+        if double_q:  # double DQN: the online network chooses, the target network evaluates
+            with torch.no_grad(), autocast:
+                chooser_logits = net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
+        next_action = target_action(expected_q(chooser_logits, support), legal)  # [B]
+        batch_idx = torch.arange(next_probs.shape[0], device=next_probs.device)
+        target_probs = categorical_projection(
+            next_probs[batch_idx, next_action], batch["reward"], batch["discount"], support
+        )  # [B, K]
+    else:  # behavior cloning: no TD target needed
+        target_probs = torch.zeros(batch["obs"].shape[0], support.shape[0], device=support.device)
+    with autocast:
+        logits = net(batch["obs"], batch["game"])  # [B, A, K]
+    return c51_cql_loss(logits, batch["action"], target_probs, support, legal, cql_alpha, td_weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Learner:
+    """What a training step reads and changes. All three training scripts build one and call `update`."""
+
+    net: resnet.QNetwork  # the online network; its weights are the ones saved
+    target_net: resnet.QNetwork  # frozen copy (resnet.target_network); the loop refreshes it
+    optimizer: torch.optim.Optimizer
+    support: torch.Tensor  # [K] the C51 atoms, on the training device
+    legal_table: torch.Tensor  # [G, A] bool, legal_action_table of the heads' games
+    cql_alpha: float
+    td_weight: float = 1.0
+    bf16: bool = False  # autocast the network to bfloat16 (CUDA/XLA only); the loss stays float32
+    double_q: bool = False
+    model: torch.nn.Module | None = None  # what runs the forward when it is not `net` (its DDP wrapper)
+    loss_fn: Callable[..., Any] | None = None  # compute_loss or its torch.compile (None: compute_loss)
+
+
+def update(learner: Learner, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One gradient step on one batch: the C51 + CQL loss (`compute_loss`), backward, Adam.
+    Returns the loss's metrics as device tensors: read them only at log intervals (no host sync here)."""
+    loss_fn = learner.loss_fn or compute_loss
+    loss, metrics = loss_fn(
+        learner.model or learner.net, learner.target_net, batch, learner.support, learner.legal_table,
+        learner.cql_alpha, learner.td_weight, learner.bf16, learner.double_q,
+    )  # fmt: skip
+    gradient_step(loss, learner.optimizer, learner.support.device)
+    return metrics
+
+
+def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Backward and one optimizer step. On XLA (one process per device), xm.optimizer_step also
+    all-reduces the gradients over replicas (the torch-xla idiom); under DDP, backward has already averaged
+    them; under XLA SPMD the loss is the mean over the global sharded batch, so the compiler has."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if device.type == "xla" and not _xla_spmd():
+        import torch_xla.core.xla_model as xm
+
+        xm.optimizer_step(optimizer)
+    else:
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop (finetune_offline.py runs it too)
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(
+    args: Any, learner: Learner, stream: BatchStream, run: Run, stop: StopSignals, step: int = 0
+) -> int:
+    """Train from `step` to args.total_steps: one `update` per batch, a hard target update every
+    target_update_every steps, and a log line (log_every), an evaluation (eval_every, not at the last
+    step: the caller's final evaluation follows) and a checkpoint (save_every and the last step).
+
+    SIGINT/SIGTERM: the current step finishes, the loop saves it and raises RunInterrupted with the line to
+    print; a signal during an evaluation drops only the evaluation. Returns the last step.
+    """
+    stop.abandon = False  # from here a signal lets the current step finish, then the loop saves and stops
+    try:
+        while step < args.total_steps:
+            batch, replay_state = stream.next()  # the sampler's state right after this batch
+            metrics = update(learner, batch)
+            step += 1
+            if step % args.target_update_every == 0:
+                learner.target_net.load_state_dict(learner.net.state_dict())
+            sync_device(learner.support.device)  # XLA: one step is one graph
+            run.stepped()
+
+            if step % args.log_every == 0 or step == args.total_steps:
+                run.log(step, metrics, stream, learner.optimizer)
+            evaluated = bool(args.eval_every and step % args.eval_every == 0 and step < args.total_steps)
+            if evaluated:
+                run.evaluate(learner, step, stop)
+            if step % args.save_every == 0 or step == args.total_steps:
+                run.save(learner, step, replay_state)
+            if stop_requested(stop, run.processes, step, evaluated):
+                run.stop_with_checkpoint(learner, step, replay_state, stop)
+    except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
+        what_next = f"{run.last_good_text()}; {run.how_to_go_on('resume with')}"
+        raise stopped_at_once(e, f"at step {step:,}", what_next) from None
+    finally:
+        stop.abandon = True
+        stream.close()
+        run.flush()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict[str, Any]:
+    """Train one run and evaluate it; returns the summary (also <run_dir>/summary.json). SIGINT/SIGTERM
+    end it with a checkpoint (RunInterrupted); the run folder's lock is released however it ends.
+    --plan-only prints the data plan and returns."""
+    if args.plan_only:  # needs no data, no device
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_args(args, world_size)
+        print(replay_plan(args, world_size))
+        return {}
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        # where it runs, and every check of the flags and files before any long work
+        init_xla_runtime(args)
+        device = select_device(args.device)
+        processes = setup_distributed(device)
+        check_args(args, processes.world_size)
+        check_spmd_args(args, processes)
+        run_dir = choose_run_dir(args)
+        resume_ckpt = checkpoint_to_resume(args, run_dir)  # None for a new run
+        if processes.is_first:  # one writer per run folder; also finds an unwritable --runs-dir now
+            cleanup.enter_context(RunLock(run_dir))
+        if args.record_missing > 0 and processes.is_first:
+            record_missing_games(args)
+        processes.barrier()
+
+        # the data, the network, its target copy and Adam (Sec. 4, Appendix B.3)
+        torch.manual_seed(args.seed)  # same init on every process
+        np.random.seed(args.seed)
+        data = make_replay(args, processes)
+        cleanup.callback(data.close)
+        net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
+        net = net.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        target_net = resnet.target_network(net)  # its weights are set below (a resumed run's target)
+        optimizer = make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
+        step = 0
+        if resume_ckpt is not None:  # weights, Adam, sampler and torch RNG: the same next batches
+            step = restore(resume_ckpt, net, optimizer, data, args, processes, run_dir)
+        if processes.is_first:  # after a resume: with the checkpoints excluded so far
+            print(data.plan_summary())
+        broadcast_initial_weights(net, processes)
+        target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
+        learner = Learner(
+            net, target_net, optimizer,
+            support=torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device),  # [K]
+            legal_table=legal_action_table(args.games).to(device),  # [G, A]
+            cql_alpha=args.cql_alpha, td_weight=args.td_weight, double_q=args.double_q,
+            bf16=args.bf16 and device.type in ("cuda", "xla"),
+            model=data_parallel(net, processes, device),
+            loss_fn=torch.compile(compute_loss) if args.compile else compute_loss,
+        )  # fmt: skip
+
+        # the loop, then the final evaluation
+        if processes.is_first:
+            print_start(args, device, processes, net, run_dir)
+        run = Run(args, run_dir, list(args.games), processes, resume_command(run_dir, "cql_multigame.py"))
+        run.open(step, resumed=resume_ckpt is not None, xla_metrics=args.xla_metrics and device.type == "xla")
+        cleanup.callback(run.close)
+        stream = BatchStream(data, args.batch_size // processes.world_size, device, args.prefetch,
+                             mesh=processes.mesh)  # fmt: skip
+        stream.games_seen = [] if args.save_all_ranks else None
+        step = train(args, learner, stream, run, stop, step)
+        data.close()  # the loader stops before the final evaluation
+        if args.save_all_ranks:
+            save_rank_debug(run_dir, net, stream, processes.rank)
+        result = run.final_evaluation(learner, step, stop)
+        summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
+        if processes.is_first:
+            summary.update(result)
+            run.finish(summary, result, step)
+        processes.barrier()
+        processes.close()
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# main's set-up: resume, the replay, the start line
+# ----------------------------------------------------------------------------------------------------
+
+
+def checkpoint_to_resume(args: Args, run_dir: Path) -> dict[str, Any] | None:
+    """With --resume: the run's checkpoint, checked against the flags (one sentence for each mismatch).
+    Without: None, after checking that the run folder holds no checkpoint that a new run would overwrite."""
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not args.resume:
+        if ckpt_path.exists():
+            raise ConfigError(
+                f"{run_dir} already holds a checkpoint; pass --resume to continue it or another "
+                "--run-name to start a new run."
+            )
+        return None
+    if not ckpt_path.is_file():
+        raise ConfigError(
+            f"--resume found no checkpoint at {ckpt_path}; start the run without --resume "
+            "or pass the --run-name of an earlier run."
+        )
+    ckpt = load_checkpoint(ckpt_path, require=RESUME_KEYS, purpose="--resume")
+    if ckpt["net_config"]["arch"] != args.arch:
+        raise ConfigError(
+            f"{ckpt_path} holds a {ckpt['net_config']['arch']} network but --arch is "
+            f"{args.arch}; resume with --arch {ckpt['net_config']['arch']}."
+        )
+    if list(ckpt["games"]) != list(args.games):
+        raise ConfigError(f"{ckpt_path} was trained on other --games; resume with the same games.")
+    check_resume(ckpt, args, run_dir)
+    return ckpt
+
+
+def make_replay(args: Args, processes: Processes) -> replay.MultiGameReplay:
+    """The training data of this process: its share of the checkpoints of every game (replay.py)."""
+    return replay.MultiGameReplay(
+        args.data_dir,
+        list(args.games),
+        runs=tuple(args.runs),
+        checkpoints=parse_checkpoints(args.checkpoints),
+        fraction=args.fraction,
+        n_step=args.n_step,
+        gamma=args.gamma,
+        memory_budget_gb=args.memory_budget_gb,
+        reload_every=args.reload_every,
+        windows_per_slot=args.windows_per_slot,
+        total_samples=args.total_steps,
+        seed=args.seed + 1000 * processes.rank,
+        rank=processes.rank,
+        world_size=processes.world_size,
+    )
+
+
+def restore(
+    ckpt: dict[str, Any],
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: replay.MultiGameReplay,
+    args: Args,
+    processes: Processes,
+    run_dir: Path,
+) -> int:
+    """--resume: the checkpoint's weights, Adam state (with this run's --lr/--adam-eps), this process's
+    sampler state and the torch RNG; returns the checkpoint's step."""
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step = int(ckpt["step"])
+    changed = apply_optimizer_settings(optimizer, args.lr, args.adam_eps)  # train with what is recorded
+    if changed and processes.is_first:
+        print(f"resuming at step {step:,} with {', '.join(changed)}: applied to the restored Adam")
+    data.load_state_dict(
+        ckpt["replay"] if processes.rank == 0 else load_rank_replay_state(run_dir, processes.rank, step)
+    )
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return step
+
+
+def print_start(
+    args: Args, device: torch.device, processes: Processes, net: resnet.QNetwork, run_dir: Path
+) -> None:
+    """The first line of a run: where it trains, how big the network is, where its files go."""
+    counts = resnet.count_parameters(net)
+    print(
+        f"device {device}, {processes.world_size} process(es), {args.arch}: "
+        f"{counts['total'] / 1e6:.2f}M parameters; logs and checkpoint in {run_dir}"
+    )
+
+
+def save_rank_debug(run_dir: Path, net: torch.nn.Module, stream: BatchStream, rank: int) -> None:
+    """--save-all-ranks: this process's final parameters and the games of every batch it trained on."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(to_cpu(net.state_dict()), run_dir / f"params_rank{rank}.pt")
+    games_seen = torch.from_numpy(np.stack(stream.games_seen))  # [steps, per-rank batch]
+    torch.save({"games": games_seen}, run_dir / f"batch_games_rank{rank}.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: what the loop logs, evaluates and saves (cql_multigame.py and finetune_offline.py)
+# ----------------------------------------------------------------------------------------------------
+
+NO_RESUME = "this script has no --resume; rerun with another --run-name to start over"
+
+
+@dataclass
+class Run:
+    """One run folder as `train` writes it: TensorBoard scalars and metrics.jsonl (`log`), evaluations
+    (`evaluate`, `final_evaluation`), checkpoint.pt (`save`) and the line an interruption prints. Only the
+    first process logs and writes the checkpoint; the others save their sampler state beside it."""
+
+    args: Any  # the script's Args: cadence, evaluation flags, seed (the checkpoint records all of it)
+    run_dir: Path
+    games: list[str]  # the heads, in order: what evaluations play and checkpoints record
+    processes: Processes = dataclasses.field(default_factory=lambda: Processes())
+    resume_cmd: str | None = None  # the command that continues this run (None: the script has no --resume)
+    report: Callable[[dict[str, Any], int], str] | None = None  # an evaluation's text (None: format_summary)
+    # set by open():
+    writer: Any = dataclasses.field(default=None, init=False)  # TensorBoard SummaryWriter, first process
+    progress: Any = dataclasses.field(default=None, init=False)  # tqdm bar, first process
+    last_good: int | None = dataclasses.field(default=None, init=False)  # step of the newest good checkpoint
+    xla_metrics: bool = dataclasses.field(default=False, init=False)  # print XLA compile counts at each log
+    # time, step and the stream's total data wait at the last log
+    _last_log: tuple[float, int, float] = dataclasses.field(default=(0.0, 0, 0.0), init=False)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def open(
+        self, step: int = 0, resumed: bool = False, xla_metrics: bool = False, desc: str | None = None
+    ) -> Run:
+        """TensorBoard (after a resume: events and metrics.jsonl past `step` dropped), the hyperparameter
+        table and the progress bar, on the first process."""
+        self.xla_metrics, self._last_log = xla_metrics, (time.perf_counter(), step, 0.0)
+        self.last_good = step if resumed else None
+        if not self.processes.is_first:
+            return self
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=step + 1 if resumed else None)
+        if resumed:
+            drop_history_after(self.run_dir / "metrics.jsonl", step)
+        write_hyperparameters(self.writer, self.args)
+        self.progress = tqdm(
+            total=self.args.total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+            mininterval=1.0,
+        )  # fmt: skip
+        return self
+
+    def stepped(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def log(self, step: int, metrics: dict[str, torch.Tensor], stream: BatchStream, optimizer: Any) -> None:
+        """A log interval: the metrics to floats on every process (a non-finite loss stops the run), then
+        TensorBoard, metrics.jsonl and the progress bar on the first."""
+        lr_hint = " (--resume applies it to the restored Adam)" if self.resume_cmd else ""
+        values = fetch_metrics(
+            metrics, f"at step {step}", f"{self.last_good_text()}; lower --lr{lr_hint} or check the data."
+        )
+        if self.processes.is_first:
+            now = time.perf_counter()
+            last_time, last_step, last_wait = self._last_log
+            sps = (step - last_step) * self.args.batch_size / max(now - last_time, 1e-9)
+            wait = (stream.wait_time - last_wait) / max(now - last_time, 1e-9)
+            self._last_log = (now, step, stream.wait_time)
+            log_training(self.writer, values, step, sps, self.run_dir / "metrics.jsonl")
+            self.writer.add_scalar("charts/data_wait_fraction", wait, step)
+            self.writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
+            for k, v in stream.data.stats().items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"replay/{k}", v, step)
+            self.progress.set_postfix(
+                loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
+            )
+        if self.xla_metrics:
+            (self.progress.write if self.progress is not None else print)(
+                xla_metrics_line(step, self.processes.rank)
+            )
+
+    def _play(self, learner: Learner, step: int, stop: StopSignals) -> dict[str, Any] | None:
+        """evaluate_games with seed + step; None when a signal dropped it."""
+        try:
+            with stop.abandonable():  # a signal drops this evaluation, not the training
+                return evaluate_games(
+                    learner.net, self.games, learner.support, learner.support.device, self.args,
+                    seed=self.args.seed + step,
+                )  # fmt: skip
+        except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
+            if stop.signum is None:
+                raise
+            return None
+
+    def evaluate(self, learner: Learner, step: int, stop: StopSignals) -> None:
+        """A periodic evaluation: logged and printed on the first process; every process waits for it."""
+        if self.processes.is_first or self.processes.spmd:  # SPMD: every host runs the same graphs
+            result = self._play(learner, step, stop)
+            if result is not None and self.processes.is_first:
+                log_evaluation(self.writer, result, step)
+                self.progress.write((self.report or format_summary)(result, step))
+        self.processes.barrier()
+
+    def final_evaluation(self, learner: Learner, step: int, stop: StopSignals) -> dict[str, Any] | None:
+        """The evaluation after the last step, logged on the first process (None on the others). A signal
+        during it stops the run with RunInterrupted (the checkpoint of the last step is kept)."""
+        if not (self.processes.is_first or self.processes.spmd):
+            return None
+        result = self._play(learner, step, stop)
+        if result is None:
+            raise RunInterrupted(
+                f"interrupted by {stop.name} during the final evaluation; {self.last_good_text()}; "
+                f"{self.how_to_go_on('evaluate it with')}",
+                stop.signum,
+            )
+        if self.processes.is_first:
+            log_evaluation(self.writer, result, step)
+        return result
+
+    def save(self, learner: Learner, step: int, replay_state: dict[str, Any]) -> bool:
+        """checkpoint.pt on the first process, each other process's sampler state beside it. A network with
+        a non-finite weight is not saved (False): the last good checkpoint stays."""
+        if not all_finite(learner.net, step):  # one small graph and one host sync
+            return False
+        if not self.processes.is_first:
+            rank_state = {"step": step, "replay": replay_state}
+            save_checkpoint(self.run_dir / f"replay_state_rank{self.processes.rank}.pt", rank_state)
+        else:
+            state = checkpoint_state(
+                learner.net, learner.target_net, learner.optimizer, step, dataclasses.asdict(self.args),
+                self.games, replay_state,
+            )  # fmt: skip
+            save_checkpoint(self.checkpoint, state)
+        self.last_good = step
+        return True
+
+    def stop_with_checkpoint(
+        self, learner: Learner, step: int, replay_state: dict[str, Any], stop: StopSignals
+    ) -> None:
+        """After a stop request: save this step (unless saved already) and raise RunInterrupted."""
+        saved = self.last_good == step or self.save(learner, step, replay_state)
+        what = (
+            f"checkpoint saved to {self.checkpoint}" if saved
+            else f"the network is not finite, not saved; {self.last_good_text()}"
+        )  # fmt: skip
+        raise RunInterrupted(
+            f"interrupted by {stop.name} at step {step:,} of {self.args.total_steps:,}: {what}; "
+            f"{self.how_to_go_on('resume with')}",
+            stop.signum,
+        )
+
+    def last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is {self.checkpoint} (step {self.last_good:,})"
+
+    def how_to_go_on(self, verb: str) -> str:
+        return f"{verb}: {self.resume_cmd}" if self.resume_cmd else NO_RESUME
+
+    def flush(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def finish(self, summary: dict[str, Any], result: dict[str, Any], step: int) -> None:
+        """The end of a cql_multigame.py run: summary.json, the evaluation table, where everything is."""
+        self.close()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(format_summary(result, step))
+        if self.xla_metrics:
+            print(xla_metrics_line(step) + " (after the final evaluation)", flush=True)
+        print(
+            f"\nTensorBoard: tensorboard --logdir {self.args.runs_dir}\ncheckpoint:  {self.checkpoint}\n"
+            f"summary:     {self.run_dir / 'summary.json'}"
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logs, run names, the optimizer and the replay plan
+# ----------------------------------------------------------------------------------------------------
+
+
+def fetch_metrics(metrics: dict[str, torch.Tensor], where: str, advice: str) -> dict[str, float]:
+    """The training loop's only host sync (at log intervals): metric tensors -> floats. A non-finite loss
+    stops the run with `where` (e.g. "at step 6"), the last metrics and `advice`."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"the loss became {values['loss']} {where} (last metrics {values}); {advice}"
+        )
+    return values
+
+
+def log_training(
+    writer, values: dict[str, float], step: int, samples_per_second: float, history: Path
+) -> None:
+    """One log interval: the TRAIN_SCALARS and samples/s to TensorBoard, and a line of metrics.jsonl."""
+    for k, tag in TRAIN_SCALARS:
+        writer.add_scalar(tag, values[k], step)
+    writer.add_scalar("charts/samples_per_second", samples_per_second, step)
+    with open(history, "a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def write_hyperparameters(writer, args: Any) -> None:
+    """The run's flags as a TensorBoard text table (CleanRL's convention)."""
+    rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+
+
+def checkpoint_state(
+    net: resnet.QNetwork,
+    target_net: resnet.QNetwork,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    args: dict[str, Any],
+    games: list[str],
+    replay_state: dict[str, Any],
+) -> dict[str, Any]:
+    """What every checkpoint of this repo holds (load_checkpoint and network_from_checkpoint read it)."""
+    return {
+        "model": net.state_dict(),
+        "target": target_net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "args": args,
+        "net_config": net.config(),
+        "games": list(games),
+        "rng": {"torch": torch.get_rng_state()},
+        "replay": replay_state,
+    }
+
+
+def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (the same result to
+    rounding; its speed-up is in the README's Performance section). torch_xla's optimizer_step needs the
+    default implementation."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
+
+
+def choose_run_dir(args: Args) -> Path:
+    """runs/<run_name>. Without --run-name: scaledql_<arch>_<G>games_seed<s>, then _2, _3, ... so that
+    running the same command again starts a new run instead of touching an old one; with --resume, the
+    newest of those that holds a checkpoint. Every process computes the same name (nothing is created yet).
+    """
+    root = Path(args.runs_dir)
+    if args.run_name:
+        return root / args.run_name
+    base = f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
+    names = [base]
+    while (root / names[-1] / "checkpoint.pt").exists():
+        names.append(f"{base}_{len(names) + 1}")
+    if args.resume and len(names) > 1:
+        return root / names[-2]  # the newest run with a checkpoint
+    return root / names[-1]
+
+
+def replay_plan(args: Args, world_size: int = 1) -> str:
+    """--plan-only: what MultiGameReplay would do with these flags on DQN-Replay-sized data (51 checkpoints
+    of 1M transitions per run), computed without any data: replay.MultiGameReplay.dry_run + plan_report."""
+    plan = replay.MultiGameReplay.dry_run(
+        list(args.games), runs=tuple(args.runs), checkpoints=parse_checkpoints(args.checkpoints),
+        fraction=args.fraction, n_step=args.n_step, memory_budget_gb=args.memory_budget_gb,
+        reload_every=args.reload_every, windows_per_slot=args.windows_per_slot,
+        total_samples=args.total_steps, seed=args.seed, rank=0, world_size=world_size,
+    )  # fmt: skip
+    return plan.plan_report(args.batch_size // world_size, args.total_steps)
+
+
+def drop_history_after(path: Path, step: int) -> None:
+    """--resume after a kill: metrics.jsonl may hold lines past the checkpoint's step, which the resumed run
+    writes again; keep only lines up to `step` (TensorBoard's events get purge_step for the same reason)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def all_finite(net: torch.nn.Module, step: int) -> bool:
+    """Whether every parameter is finite (one small graph and one host sync); if not, warn that the save at
+    `step` is skipped, so that the last good checkpoint is kept and the user knows why it is older."""
+    if torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all():
+        return True
+    print(
+        f"warning: non-finite weights at step {step}: checkpoint not saved, the last good one stays in place",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices and processes (torchrun DDP, torch-xla)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -279,8 +993,8 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 @dataclass
-class Dist:
-    """Where this process stands among its peers (rank 0 logs, evaluates and saves)."""
+class Processes:
+    """This process among its peers: the first one (rank 0) logs, evaluates and saves."""
 
     rank: int = 0
     world_size: int = 1
@@ -289,7 +1003,7 @@ class Dist:
     mesh: Any = None  # SPMD: the ('data',) mesh over all devices of all hosts
 
     @property
-    def main(self) -> bool:
+    def is_first(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
@@ -303,22 +1017,27 @@ class Dist:
             else:
                 dist.barrier()
 
+    def close(self) -> None:
+        """Leave torchrun's process group (XLA's runtime needs nothing)."""
+        if self.world_size > 1 and not self.xla:
+            dist.destroy_process_group()
 
-def setup_distributed(device: torch.device) -> Dist:
+
+def setup_distributed(device: torch.device) -> Processes:
     """torchrun sets RANK/WORLD_SIZE: join its group (nccl on CUDA, gloo on CPU). XLA: torch_xla's runtime."""
     if device.type == "xla":
         import torch_xla.runtime as xr
 
         if xr.is_spmd():
             return setup_spmd()
-        return Dist(rank=xr.global_ordinal(), world_size=xr.world_size(), xla=True)
+        return Processes(rank=xr.global_ordinal(), world_size=xr.world_size(), xla=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Dist()
+        return Processes()
     backend = "nccl" if device.type == "cuda" else "gloo"
     # ours: a long timeout, because the other ranks wait while rank 0 evaluates 40 games.
     dist.init_process_group(backend, timeout=timedelta(hours=3))
-    return Dist(rank=dist.get_rank(), world_size=world_size)
+    return Processes(rank=dist.get_rank(), world_size=world_size)
 
 
 def xla_metrics_line(step: int, rank: int = 0) -> str:
@@ -373,7 +1092,7 @@ def init_xla_runtime(args: Args) -> None:
         xr.use_spmd()
 
 
-def setup_spmd() -> Dist:
+def setup_spmd() -> Processes:
     """XLA SPMD: one process per host, one ('data',) mesh over the devices of all hosts. Ranks are hosts
     (xr.process_index of xr.process_count): each samples its share of the global batch from its share
     of the data; the compiler splits every step over the mesh and inserts the gradient all-reduce."""
@@ -382,7 +1101,7 @@ def setup_spmd() -> Dist:
 
     n = xr.global_runtime_device_count()
     mesh = xs.Mesh(np.arange(n), (n,), ("data",))
-    return Dist(rank=xr.process_index(), world_size=xr.process_count(), xla=True, spmd=True, mesh=mesh)
+    return Processes(rank=xr.process_index(), world_size=xr.process_count(), xla=True, spmd=True, mesh=mesh)
 
 
 def shard_batch(tensors: dict[str, torch.Tensor], device: torch.device, mesh: Any) -> dict[str, torch.Tensor]:
@@ -400,9 +1119,9 @@ def shard_batch(tensors: dict[str, torch.Tensor], device: torch.device, mesh: An
     return {k: out[k] for k in tensors}
 
 
-def check_spmd_args(args: Args, d: Dist) -> None:
+def check_spmd_args(args: Args, processes: Processes) -> None:
     """SPMD: the global batch must split evenly over all devices (and then over hosts)."""
-    if not d.spmd:
+    if not processes.spmd:
         return
     import torch_xla.runtime as xr
 
@@ -412,138 +1131,40 @@ def check_spmd_args(args: Args, d: Dist) -> None:
             f"--batch-size {args.batch_size} does not split over the {n} XLA devices of the SPMD mesh; "
             f"use a multiple of {n}."
         )
-    if args.record_missing > 0 and d.world_size > 1:
+    if args.record_missing > 0 and processes.world_size > 1:
         raise ConfigError(
             "--record-missing records on one host only; record the data first (python replay.py) or "
             "run it on a single host."
         )
 
 
-# ----------------------------------------------------------------------------------------------------
-# The math: C51 projection, C51 + CQL loss
-# ----------------------------------------------------------------------------------------------------
+def broadcast_initial_weights(net: torch.nn.Module, processes: Processes) -> None:
+    """XLA with one process per device: start every replica from the first one's weights. On TPU v2/v3
+    (and CPU_NUM_DEVICES) replicas are threads of one process sharing one CPU RNG, so the same seed does
+    not give the same init. Elsewhere a no-op (DDP broadcasts at wrapping; SPMD has one copy)."""
+    if processes.xla and not processes.spmd and processes.world_size > 1:
+        import torch_xla.core.xla_model as xm
+
+        xm.broadcast_master_param(net)
 
 
-def categorical_projection(
-    next_probs: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor, support: torch.Tensor
-) -> torch.Tensor:
-    """Project the distribution of  reward + discount * Z'  back onto the fixed support (C51, Alg. 1).
-
-    Dense and fixed-shape, as in Dopamine's `project_distribution`: every shifted target atom spreads its
-    mass over the support atoms with a triangle kernel of width one atom spacing, so an atom landing
-    exactly on a support point gives all its mass to that point, and targets outside [v_min, v_max] are
-    clamped to the end atoms first. No loop over the batch; compiles to one graph on XLA.
-
-    next_probs [B, K] (sums to 1), reward [B], discount [B] (gamma**n, 0 at terminals), support [K].
-    Returns [B, K], each row summing to 1.
-    """
-    v_min, v_max = support[0], support[-1]
-    delta = (v_max - v_min) / (support.shape[0] - 1)
-    target_atoms = reward[:, None] + discount[:, None] * support[None, :]  # [B, K]
-    target_atoms = target_atoms.clamp(v_min, v_max)
-    # weight[b, i, j]: share of target atom j that lands on support atom i
-    distance = (target_atoms[:, None, :] - support[None, :, None]).abs()  # [B, K_i, K_j]
-    weight = (1.0 - distance / delta).clamp(min=0.0)  # [B, K, K]
-    return torch.einsum("bij,bj->bi", weight, next_probs)  # [B, K]
+def data_parallel(net: torch.nn.Module, processes: Processes, device: torch.device) -> torch.nn.Module:
+    """`net` wrapped in DDP under torchrun (backward averages the gradients); `net` itself otherwise."""
+    if processes.world_size > 1 and not processes.xla:
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return net
 
 
-def c51_cql_loss(
-    logits: torch.Tensor,
-    action: torch.Tensor,
-    target_probs: torch.Tensor,
-    support: torch.Tensor,
-    legal: torch.Tensor,
-    cql_alpha: float,
-    td_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The Scaled QL loss: C51 cross-entropy TD loss + cql_alpha * CQL regularizer (Sec. 4).
+def _xla_spmd() -> bool:
+    import torch_xla.runtime as xr
 
-    logits [B, A, K] of the online network; action [B] full-set ids of the data; target_probs [B, K]
-    (already projected, no gradient); support [K]; legal [B, A] bool, the game's minimal action set.
-
-    TD:  -sum_k target_probs[k] * log_softmax(logits[action])[k]
-    CQL: logsumexp over legal a of Q(s, a)  -  Q(s, a_data), with Q = sum_k softmax(logits[a])_k z_k.
-    Illegal actions enter neither term. With td_weight=0 the loss is cql_alpha times the cross-entropy of
-    the data action under softmax(Q) over legal actions: behavior cloning on the same network.
-    Returns the mean loss and detached metrics (device tensors; read them only at log intervals).
-    """
-    logits = logits.float()  # the loss math stays in float32 under bf16 autocast
-    batch = torch.arange(logits.shape[0], device=logits.device)
-    log_probs = F.log_softmax(logits, dim=-1)  # [B, A, K]
-    td = -(target_probs * log_probs[batch, action]).sum(-1)  # [B]
-
-    q = (log_probs.exp() * support).sum(-1)  # [B, A]
-    q_legal = q.masked_fill(~legal, float("-inf"))  # [B, A]
-    q_data = q[batch, action]  # [B]
-    cql = torch.logsumexp(q_legal, dim=-1) - q_data  # [B]
-
-    loss = (td_weight * td + cql_alpha * cql).mean()
-    metrics = {
-        "td_loss": td.mean().detach(),
-        "cql_term": cql.mean().detach(),
-        "q_data": q_data.mean().detach(),
-        "q_max": q_legal.max(-1).values.mean().detach(),
-        "loss": loss.detach(),
-    }
-    return loss, metrics
-
-
-def legal_action_table(games: list[str] | tuple[str, ...], num_actions: int = 18) -> torch.Tensor:
-    """[G, A] bool: which full-set actions are in each game's minimal action set (from ALE)."""
-    table = torch.zeros(len(games), num_actions, dtype=torch.bool)
-    for g, game in enumerate(games):
-        table[g, atari.legal_actions(game)] = True
-    return table
-
-
-def compute_loss(
-    net: torch.nn.Module,
-    target_net: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    support: torch.Tensor,
-    legal_table: torch.Tensor,
-    cql_alpha: float,
-    td_weight: float = 1.0,
-    bf16: bool = False,
-    double_q: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch -> (loss, metrics): n-step C51 target from the target network, then `c51_cql_loss`.
-
-    batch: obs, next_obs uint8 [B, 4, 84, 84]; action, game int64 [B]; reward, discount float32 [B].
-    The next action is the argmax over legal actions of the target network's Q (plain C51, ours), or of the
-    online network's Q with double_q (double DQN, as Dopamine's offline configs); its distribution always
-    comes from the target network.
-    """
-    legal = legal_table[batch["game"]]  # [B, A]
-    autocast = torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=bf16)
-    if td_weight != 0.0:
-        with torch.no_grad(), autocast:
-            next_logits = target_net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
-        next_probs = next_logits.softmax(-1)  # [B, A, K]
-        next_q = (next_probs * support).sum(-1)  # [B, A]
-        if double_q:  # double DQN: the online network chooses, the target network evaluates
-            with torch.no_grad(), autocast:
-                online_next = net(batch["next_obs"], batch["game"]).float()  # [B, A, K]
-            next_q = (online_next.softmax(-1) * support).sum(-1)  # [B, A]
-        next_action = next_q.masked_fill(~legal, float("-inf")).argmax(-1)  # [B], legal actions only
-        batch_idx = torch.arange(next_probs.shape[0], device=next_probs.device)
-        target_probs = categorical_projection(
-            next_probs[batch_idx, next_action], batch["reward"], batch["discount"], support
-        )  # [B, K]
-    else:  # behavior cloning: no TD target needed
-        target_probs = torch.zeros(batch["obs"].shape[0], support.shape[0], device=support.device)
-    with autocast:
-        logits = net(batch["obs"], batch["game"])  # [B, A, K]
-    return c51_cql_loss(logits, batch["action"], target_probs, support, legal, cql_alpha, td_weight)
-
-
-def expected_q(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """[B, A, K] logits -> [B, A] expected Q-values."""
-    return (logits.float().softmax(-1) * support).sum(-1)
+    return xr.is_spmd()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: replay batches -> device tensors (optionally sampled ahead by a thread)
+# Batches: replay samples -> device tensors (optionally sampled ahead by a thread)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -620,14 +1241,14 @@ class BatchStream:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoint files
 # ----------------------------------------------------------------------------------------------------
 
 
 def to_cpu(obj: Any) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor moved to the CPU in one batched transfer:
     on XLA one call for all tensors (as xm.save does), on CUDA non-blocking copies and one synchronize,
-    instead of one blocking .cpu() per tensor (68 per save in the tiny run)."""
+    instead of one blocking .cpu() per tensor."""
     tensors: list[torch.Tensor] = []
 
     def collect(o: Any) -> Any:  # the structure with every tensor replaced by its index in `tensors`
@@ -800,6 +1421,26 @@ def network_from_checkpoint(ckpt: dict[str, Any], which: str = "model", path: st
     return net
 
 
+def support_from_checkpoint(ckpt: dict[str, Any] | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The C51 support [K] a checkpoint's network was trained with (support_bounds), on `device`."""
+    v_min, v_max, num_atoms = support_bounds(ckpt)
+    return torch.linspace(v_min, v_max, num_atoms, device=device)  # [K]
+
+
+def support_bounds(ckpt: dict[str, Any] | None) -> tuple[float, float, int]:
+    """(v_min, v_max, num_atoms) of a checkpoint: its args' v_min/v_max and its net_config's num_atoms.
+    The one fallback, for a checkpoint without them or none at all: Args' defaults, C51's [-10, 10] with
+    51 atoms (ours), which every run of this repo uses unless told otherwise."""
+    defaults = Args()
+    run_args = (ckpt or {}).get("args") or {}
+    net_config = (ckpt or {}).get("net_config") or {}
+    return (
+        float(run_args.get("v_min", defaults.v_min)),
+        float(run_args.get("v_max", defaults.v_max)),
+        int(net_config.get("num_atoms", defaults.num_atoms)),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -890,6 +1531,18 @@ def format_summary(result: dict[str, Any], step: int) -> str:
     return "\n".join(lines)
 
 
+def log_evaluation(writer, result: dict[str, Any], step: int) -> None:
+    for game, r in result["games"].items():
+        writer.add_scalar(f"eval/{game}/return", r["mean_return"], step)
+        if r["hns"] is not None:
+            writer.add_scalar(f"eval/{game}/hns", r["hns"], step)
+    if result["iqm_hns"] is None:
+        return
+    writer.add_scalar("eval/iqm_hns", result["iqm_hns"], step)
+    writer.add_scalar("eval/iqm_hns_ci_low", result["iqm_ci"][0], step)
+    writer.add_scalar("eval/iqm_hns_ci_high", result["iqm_ci"][1], step)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Input checks (before any long work)
 # ----------------------------------------------------------------------------------------------------
@@ -907,15 +1560,30 @@ def parse_checkpoints(spec: str) -> str | list[int]:
         ) from e
 
 
-def check_args(args: Args, world_size: int) -> None:
-    if args.arch not in resnet.ARCHS:
-        raise ConfigError(f"unknown --arch {args.arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
+def check_flags(args: Any) -> None:
+    """The checks every training script runs first, on whichever of these flags it has: --arch (when
+    set), every numeric flag's range (check_ranges) and --checkpoints."""
+    arch = getattr(args, "arch", "")
+    if arch and arch not in resnet.ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
     check_ranges(args)
+    if hasattr(args, "checkpoints"):
+        parse_checkpoints(args.checkpoints)
+
+
+def check_game(game: str, flag: str = "--game") -> str:
+    """The canonical ALE name of a game given by `flag`; an unknown one is one sentence with the closest."""
+    try:
+        return atari.check_game(game)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """cql_multigame.py's flags (check_flags, then the games and the batch), before any long work."""
+    check_flags(args)
     for game in args.games:
-        try:
-            atari.check_game(game)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        check_game(game, "--games")
     if len(set(args.games)) != len(args.games):
         raise ConfigError("--games lists a game twice; every game gets one head, list each once.")
     if args.batch_size % world_size:
@@ -928,18 +1596,8 @@ def check_args(args: Args, world_size: int) -> None:
             f"--batch-size {args.batch_size} is smaller than the {len(args.games)} games; every global "
             f"batch needs each game, use at least {len(args.games)}."
         )
-    if args.v_min >= args.v_max or args.num_atoms < 2:
-        raise ConfigError("--v-min must be below --v-max and --num-atoms at least 2.")
-    if not 0.0 < args.fraction <= 1.0:
-        raise ConfigError(f"--fraction {args.fraction} must be in (0, 1].")
-    parse_checkpoints(args.checkpoints)
-    check_eval_args(args)
-
-
-def check_eval_args(args: Any) -> None:
-    """The evaluation flags all three scripts share, checked before any training instead of at the first
-    evaluation: part of check_ranges (FLAG_RANGES), which checks every numeric flag."""
-    check_ranges(args)
+    if args.v_min >= args.v_max:
+        raise ConfigError("--v-min must be below --v-max.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1206,6 +1864,15 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
+def stopped_at_once(e: Interrupted, where: str, what_next: str) -> RunInterrupted:
+    """The line of a second SIGINT/SIGTERM, which stops a training loop at once: the step or save it cut
+    is not saved. `where`: "at step 7"; `what_next`: the last good save and how to go on."""
+    return RunInterrupted(
+        f"stopped at once by a second {signal.Signals(e.signum).name} ({where}), without saving; {what_next}",
+        e.signum,
+    )
+
+
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) as a stop request, inside `with StopSignals()`.
 
@@ -1255,13 +1922,13 @@ class StopSignals:
             self.abandon = previous
 
 
-def agree_to_stop(d: Dist, requested: bool) -> bool:
+def agree_to_stop(processes: Processes, requested: bool) -> bool:
     """Every process stops at the same step: True if any process got a signal. One process: no
     communication. DDP: a MAX all-reduce of one integer over a gloo group (host memory, no GPU sync);
     XLA: torch_xla's mesh_reduce (host values)."""
-    if d.world_size == 1:
+    if processes.world_size == 1:
         return requested
-    if d.xla:
+    if processes.xla:
         import torch_xla.core.xla_model as xm
 
         return bool(xm.mesh_reduce("stop_signal", int(requested), max))
@@ -1277,15 +1944,15 @@ _STOP_GROUP = None
 STOP_AGREE_EVERY = 10  # ours: steps between the processes' agreement on a stop request (DDP/XLA only)
 
 
-def stop_requested(stop: StopSignals, d: Dist, step: int, evaluated: bool) -> bool:
+def stop_requested(stop: StopSignals, processes: Processes, step: int, evaluated: bool) -> bool:
     """After a finished step: stop now? One process: as soon as a signal came. Several: all agree every
     STOP_AGREE_EVERY steps and after every evaluation (where they all wait anyway), so that they all stop
     at the same step and no one waits for a peer that left."""
-    if d.world_size == 1:
+    if processes.world_size == 1:
         return stop.signum is not None
     if step % STOP_AGREE_EVERY and not evaluated:
         return False
-    if agree_to_stop(d, stop.signum is not None):
+    if agree_to_stop(processes, stop.signum is not None):
         stop.signum = stop.signum or signal.SIGTERM  # a peer got it (torchrun forwards to every process)
         return True
     return False
@@ -1324,425 +1991,8 @@ def record_missing_games(args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# The command line
 # ----------------------------------------------------------------------------------------------------
-
-
-def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Backward and one optimizer step. On XLA (one process per device), xm.optimizer_step also
-    all-reduces the gradients over replicas (the torch-xla idiom); under DDP, backward has already averaged
-    them; under XLA SPMD the loss is the mean over the global sharded batch, so the compiler has."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if device.type == "xla" and not _xla_spmd():
-        import torch_xla.core.xla_model as xm
-
-        xm.optimizer_step(optimizer)
-    else:
-        optimizer.step()
-
-
-def _xla_spmd() -> bool:
-    import torch_xla.runtime as xr
-
-    return xr.is_spmd()
-
-
-def fetch_metrics(metrics: dict[str, torch.Tensor], where: str, advice: str) -> dict[str, float]:
-    """The training loop's only host sync (at log intervals): metric tensors -> floats. A non-finite loss
-    stops the run with `where` (e.g. "at step 6"), the last metrics and `advice`."""
-    values = {k: float(v) for k, v in metrics.items()}
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(
-            f"the loss became {values['loss']} {where} (last metrics {values}); {advice}"
-        )
-    return values
-
-
-def log_training(
-    writer, values: dict[str, float], step: int, samples_per_second: float, history: Path
-) -> None:
-    """One log interval: the TRAIN_SCALARS and samples/s to TensorBoard, and a line of metrics.jsonl."""
-    for k, tag in TRAIN_SCALARS:
-        writer.add_scalar(tag, values[k], step)
-    writer.add_scalar("charts/samples_per_second", samples_per_second, step)
-    with open(history, "a") as f:
-        f.write(json.dumps({"step": step, **values}) + "\n")
-
-
-def write_hyperparameters(writer, args: Any) -> None:
-    """The run's flags as a TensorBoard text table (CleanRL's convention)."""
-    rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
-
-
-def checkpoint_state(
-    net: resnet.QNetwork,
-    target_net: resnet.QNetwork,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    args: dict[str, Any],
-    games: list[str],
-    replay_state: dict[str, Any],
-) -> dict[str, Any]:
-    """What every checkpoint of this repo holds (load_checkpoint and network_from_checkpoint read it)."""
-    return {
-        "model": net.state_dict(),
-        "target": target_net.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "args": args,
-        "net_config": net.config(),
-        "games": list(games),
-        "rng": {"torch": torch.get_rng_state()},
-        "replay": replay_state,
-    }
-
-
-def make_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused where torch has the kernel: one pass per tensor instead of ~8 (a 7x faster Adam step on
-    CPU, the same result to rounding). torch_xla's optimizer_step needs the default implementation."""
-    params = [p for p in params if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
-
-
-def choose_run_dir(args: Args) -> Path:
-    """runs/<run_name>. Without --run-name: scaledql_<arch>_<G>games_seed<s>, then _2, _3, ... so that
-    running the same command again starts a new run instead of touching an old one; with --resume, the
-    newest of those that holds a checkpoint. Every process computes the same name (nothing is created yet).
-    """
-    root = Path(args.runs_dir)
-    if args.run_name:
-        return root / args.run_name
-    base = f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
-    names = [base]
-    while (root / names[-1] / "checkpoint.pt").exists():
-        names.append(f"{base}_{len(names) + 1}")
-    if args.resume and len(names) > 1:
-        return root / names[-2]  # the newest run with a checkpoint
-    return root / names[-1]
-
-
-def replay_plan(args: Args, world_size: int = 1) -> str:
-    """--plan-only: what MultiGameReplay would do with these flags on DQN-Replay-sized data (51 checkpoints
-    of 1M transitions per run), computed without any data: replay.MultiGameReplay.dry_run + plan_report."""
-    plan = replay.MultiGameReplay.dry_run(
-        list(args.games), runs=tuple(args.runs), checkpoints=parse_checkpoints(args.checkpoints),
-        fraction=args.fraction, n_step=args.n_step, memory_budget_gb=args.memory_budget_gb,
-        reload_every=args.reload_every, windows_per_slot=args.windows_per_slot,
-        total_samples=args.total_steps, seed=args.seed, rank=0, world_size=world_size,
-    )  # fmt: skip
-    return plan.plan_report(args.batch_size // world_size, args.total_steps)
-
-
-def drop_history_after(path: Path, step: int) -> None:
-    """--resume after a kill: metrics.jsonl may hold lines past the checkpoint's step, which the resumed run
-    writes again; keep only lines up to `step` (TensorBoard's events get purge_step for the same reason)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-
-
-def all_finite(net: torch.nn.Module, step: int) -> bool:
-    """Whether every parameter is finite (one small graph and one host sync); if not, warn that the save at
-    `step` is skipped, so that the last good checkpoint is kept and the user knows why it is older."""
-    if torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all():
-        return True
-    print(
-        f"warning: non-finite weights at step {step}: checkpoint not saved, the last good one stays in place",
-        file=sys.stderr,
-        flush=True,
-    )
-    return False
-
-
-def main(args: Args) -> dict[str, Any]:
-    """Train one run (`train_run`): SIGINT/SIGTERM end it with a checkpoint and RunInterrupted (StopSignals),
-    and the run folder's lock (RunLock) is released however it ends. --plan-only prints the data plan."""
-    if args.plan_only:  # needs no data, no device
-        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-        print(replay_plan(args, int(os.environ.get("WORLD_SIZE", "1"))))
-        return {}
-    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
-        return train_run(args, stop, cleanup)
-
-
-def train_run(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    init_xla_runtime(args)
-    device = select_device(args.device)
-    d = setup_distributed(device)
-    check_args(args, d.world_size)
-    check_spmd_args(args, d)
-    run_dir = choose_run_dir(args)
-    ckpt_path = run_dir / "checkpoint.pt"
-    resume_ckpt = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(
-                f"--resume found no checkpoint at {ckpt_path}; start the run without --resume "
-                "or pass the --run-name of an earlier run."
-            )
-        resume_ckpt = load_checkpoint(ckpt_path, require=RESUME_KEYS, purpose="--resume")
-        if resume_ckpt["net_config"]["arch"] != args.arch:
-            raise ConfigError(
-                f"{ckpt_path} holds a {resume_ckpt['net_config']['arch']} network but --arch is "
-                f"{args.arch}; resume with --arch {resume_ckpt['net_config']['arch']}."
-            )
-        if list(resume_ckpt["games"]) != list(args.games):
-            raise ConfigError(f"{ckpt_path} was trained on other --games; resume with the same games.")
-        check_resume(resume_ckpt, args, run_dir)
-    elif ckpt_path.exists():
-        raise ConfigError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it or another "
-            "--run-name to start a new run."
-        )
-    if d.main:  # one writer per run folder; also finds an unwritable --runs-dir before the data load
-        cleanup.enter_context(RunLock(run_dir))
-
-    if args.record_missing > 0 and d.main:
-        record_missing_games(args)
-    d.barrier()
-
-    torch.manual_seed(args.seed)  # same init on every rank
-    np.random.seed(args.seed)
-    data = replay.MultiGameReplay(
-        args.data_dir,
-        list(args.games),
-        runs=tuple(args.runs),
-        checkpoints=parse_checkpoints(args.checkpoints),
-        fraction=args.fraction,
-        n_step=args.n_step,
-        gamma=args.gamma,
-        memory_budget_gb=args.memory_budget_gb,
-        reload_every=args.reload_every,
-        windows_per_slot=args.windows_per_slot,
-        total_samples=args.total_steps,
-        seed=args.seed + 1000 * d.rank,
-        rank=d.rank,
-        world_size=d.world_size,
-    )
-
-    net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
-    target_net = resnet.target_network(net)  # its weights are set again below (a resumed run's target)
-    optimizer = make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
-    step = 0
-    if resume_ckpt is not None:
-        net.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        step = int(resume_ckpt["step"])
-        changed = apply_optimizer_settings(optimizer, args.lr, args.adam_eps)  # train with what is recorded
-        if changed and d.main:
-            print(f"resuming at step {step:,} with {', '.join(changed)}: applied to the restored Adam")
-        data.load_state_dict(
-            resume_ckpt["replay"] if d.rank == 0 else load_rank_replay_state(run_dir, d.rank, step)
-        )
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-    if d.main:  # after a resume: with the checkpoints excluded so far (re-checked by load_state_dict)
-        print(data.plan_summary())
-    if d.xla and not d.spmd and d.world_size > 1:
-        import torch_xla.core.xla_model as xm
-
-        # replicas start identical: on TPU v2/v3 (and CPU_NUM_DEVICES) replicas are threads of one
-        # process sharing one CPU RNG, so the same seed does not give the same init
-        xm.broadcast_master_param(net)
-    target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
-
-    model = net
-    if d.world_size > 1 and not d.xla:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    support = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)
-    legal_table = legal_action_table(args.games).to(device)
-    loss_fn = torch.compile(compute_loss) if args.compile else compute_loss
-    bf16 = args.bf16 and device.type in ("cuda", "xla")
-
-    writer = None
-    if d.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_ckpt is not None else None)
-        cleanup.callback(writer.close)  # flushed also when the run stops early
-        if resume_ckpt is not None:
-            drop_history_after(run_dir / "metrics.jsonl", step)
-        write_hyperparameters(writer, args)
-        counts = resnet.count_parameters(net)
-        print(
-            f"device {device}, {d.world_size} process(es), {args.arch}: "
-            f"{counts['total'] / 1e6:.2f}M parameters; logs and checkpoint in {run_dir}"
-        )
-
-    per_rank_batch = args.batch_size // d.world_size
-    stream = BatchStream(data, per_rank_batch, device, args.prefetch, mesh=d.mesh)
-    if args.save_all_ranks:
-        stream.games_seen = []
-    replay_state = data.state_dict()
-    metrics: dict[str, torch.Tensor] = {}
-    last_log = (time.perf_counter(), step, 0.0)
-    history_path = run_dir / "metrics.jsonl"
-    progress = None
-    if d.main:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0
-        )
-
-    last_good = [step if resume_ckpt is not None else None]  # step of the newest good checkpoint
-
-    def save(at_step: int) -> bool:
-        # one small graph and one host sync (not one per parameter tensor)
-        if not all_finite(net, at_step):
-            return False  # never overwrite the last good checkpoint with a broken network
-        if not d.main:  # every other rank keeps its own sampler state beside the checkpoint
-            save_checkpoint(
-                run_dir / f"replay_state_rank{d.rank}.pt", {"step": at_step, "replay": replay_state}
-            )
-        else:
-            state = checkpoint_state(
-                net, target_net, optimizer, at_step, dataclasses.asdict(args), args.games, replay_state
-            )
-            save_checkpoint(ckpt_path, state)
-        last_good[0] = at_step
-        return True
-
-    def last_good_text() -> str:
-        if last_good[0] is None:
-            return "no checkpoint was written yet"
-        return f"the last good checkpoint is {ckpt_path} (step {last_good[0]:,})"
-
-    stop.abandon = False  # from here a signal lets the current step finish, then the loop saves and stops
-    try:
-        while step < args.total_steps:
-            batch, replay_state = stream.next()
-            loss, metrics = loss_fn(
-                model, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16,
-                args.double_q,
-            )  # fmt: skip
-            gradient_step(loss, optimizer, device)
-            step += 1
-            if step % args.target_update_every == 0:
-                target_net.load_state_dict(net.state_dict())
-            sync_device(device)
-            if progress is not None:
-                progress.update(1)
-
-            if step % args.log_every == 0 or step == args.total_steps:
-                values = fetch_metrics(
-                    metrics, f"at step {step}",
-                    f"{last_good_text()}; lower --lr (--resume applies it to the restored Adam) or check "
-                    "the data.",
-                )  # fmt: skip
-                if d.main:
-                    now = time.perf_counter()
-                    sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
-                    wait = (stream.wait_time - last_log[2]) / max(now - last_log[0], 1e-9)
-                    last_log = (now, step, stream.wait_time)
-                    log_training(writer, values, step, sps, history_path)
-                    writer.add_scalar("charts/data_wait_fraction", wait, step)
-                    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
-                    for k, v in data.stats().items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(f"replay/{k}", v, step)
-                    progress.set_postfix(
-                        loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
-                    )
-                if args.xla_metrics and device.type == "xla":
-                    (progress.write if progress is not None else print)(xla_metrics_line(step, d.rank))
-
-            evaluated = bool(args.eval_every and step % args.eval_every == 0 and step < args.total_steps)
-            if evaluated:
-                if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
-                    try:
-                        with stop.abandonable():  # a signal drops this evaluation, not the training
-                            result = evaluate_games(
-                                net, args.games, support, device, args, seed=args.seed + step
-                            )
-                        if d.main:
-                            log_evaluation(writer, result, step)
-                            progress.write(format_summary(result, step))
-                    except Exception:  # e.g. an env worker killed by the same SIGTERM
-                        if stop.signum is None:
-                            raise
-                d.barrier()
-            if step % args.save_every == 0 or step == args.total_steps:
-                save(step)
-            if stop_requested(stop, d, step, evaluated):
-                saved = last_good[0] == step or save(step)
-                what = (
-                    f"checkpoint saved to {ckpt_path}" if saved
-                    else f"the network is not finite, not saved; {last_good_text()}"
-                )  # fmt: skip
-                raise RunInterrupted(
-                    f"interrupted by {stop.name} at step {step:,} of {args.total_steps:,}: {what}; resume "
-                    f"with: {resume_command(run_dir, 'cql_multigame.py')}",
-                    stop.signum,
-                )
-    except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
-        raise RunInterrupted(
-            f"stopped at once by a second {signal.Signals(e.signum).name} (at step {step:,}), without "
-            f"saving; {last_good_text()}; resume with: {resume_command(run_dir, 'cql_multigame.py')}",
-            e.signum,
-        ) from None
-    finally:
-        stop.abandon = True
-        stream.close()
-        data.close()
-        if progress is not None:
-            progress.close()
-
-    summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
-    if args.save_all_ranks:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(to_cpu(net.state_dict()), run_dir / f"params_rank{d.rank}.pt")
-        games_seen = torch.from_numpy(np.stack(stream.games_seen))  # [steps, per-rank batch]
-        torch.save({"games": games_seen}, run_dir / f"batch_games_rank{d.rank}.pt")
-    if d.main or d.spmd:  # SPMD: every host runs the same evaluation graphs
-        try:
-            with stop.abandonable():
-                result = evaluate_games(net, args.games, support, device, args, seed=args.seed + step)
-        except Interrupted as e:
-            raise RunInterrupted(
-                f"interrupted by {signal.Signals(e.signum).name} during the final evaluation; "
-                f"{last_good_text()}; evaluate it with: {resume_command(run_dir, 'cql_multigame.py')}",
-                e.signum,
-            ) from None
-    if d.main:
-        log_evaluation(writer, result, step)
-        writer.close()
-        summary.update(result)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_summary(result, step))
-        if args.xla_metrics and device.type == "xla":
-            print(xla_metrics_line(step) + " (after the final evaluation)", flush=True)
-        print(
-            f"\nTensorBoard: tensorboard --logdir {args.runs_dir}\ncheckpoint:  {ckpt_path}\n"
-            f"summary:     {run_dir / 'summary.json'}"
-        )
-    d.barrier()
-    if d.world_size > 1 and not d.xla:
-        dist.destroy_process_group()
-    return summary
-
-
-def log_evaluation(writer, result: dict[str, Any], step: int) -> None:
-    for game, r in result["games"].items():
-        writer.add_scalar(f"eval/{game}/return", r["mean_return"], step)
-        if r["hns"] is not None:
-            writer.add_scalar(f"eval/{game}/hns", r["hns"], step)
-    if result["iqm_hns"] is None:
-        return
-    writer.add_scalar("eval/iqm_hns", result["iqm_hns"], step)
-    writer.add_scalar("eval/iqm_hns_ci_low", result["iqm_ci"][0], step)
-    writer.add_scalar("eval/iqm_hns_ci_high", result["iqm_ci"][1], step)
 
 
 def cli(argv: list[str] | None = None) -> Args:
@@ -1758,15 +2008,23 @@ def _xla_worker(index: int, args: Args) -> None:
 
 
 def run(args: Args) -> None:
-    """Run `main`, printing user mistakes as one line instead of a traceback."""
-    try:
-        if args.xla_multiprocess:
-            import torch_xla
+    """`main` (or, with --xla-multiprocess, one `main` per TPU device), user mistakes as one line."""
+    run_script(_launch_xla if args.xla_multiprocess else main, args)
 
-            torch_xla.launch(_xla_worker, args=(args,))
-        else:
-            main(args)
-    except (ConfigError, replay.ReplayDataError, FloatingPointError) as e:
+
+def _launch_xla(args: Args) -> None:
+    import torch_xla
+
+    torch_xla.launch(_xla_worker, args=(args,))
+
+
+def run_script(main: Callable[[Any], Any], args: Any) -> None:
+    """Run a training script's `main(args)` (all three scripts): a user mistake (a flag, a file, a game, a
+    non-finite loss) prints one line and exits 1, an interrupted run prints what was saved and how to go on
+    and exits 128 + the signal, a refused write prints one line; no traceback for any of them."""
+    try:
+        main(args)
+    except (ConfigError, replay.ReplayDataError, atari.AtariConfigError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RunInterrupted, Interrupted) as e:
         exit_interrupted(e)

@@ -11,9 +11,10 @@ against the same network trained from a random initialization on the same data: 
     python finetune_offline.py --checkpoint ... --game Pong --compare          # + the from-scratch baseline
     python finetune_offline.py --checkpoint ... --game Pong --freeze-trunk     # the representation alone
 
-Everything is imported: the network and its transfer from resnet.py, the loss, devices, evaluation and
-checkpoint I/O from cql_multigame.py, the data from replay.py. This file holds only what differs: which
-weights start where, which of them train, and the comparison.
+Everything is imported: the network and its transfer from resnet.py; the loss, the training step and the
+training loop (`update`, `train`: the cadence of target updates, logs, evaluations and checkpoints),
+devices, evaluation and checkpoint I/O from cql_multigame.py; the data from replay.py. This file holds only
+what differs: which weights start where, which of them train, and the comparison.
 
 Left out: the paper's other transfer baselines (MAE, CPC, BERT-style pre-training, DT), several fine-tuning
 seeds in one call (run the script once per --seed), multi-process training and --resume (a fine-tuning run
@@ -25,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,13 @@ import atari
 import cql_multigame
 import replay
 import resnet
-from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, StopSignals
+from cql_multigame import ConfigError, EvalArgs, RunLock, StopSignals
 
 
 @dataclass
-class Args:
-    """Offline fine-tuning of a cql_multigame.py checkpoint on one (held-out) game, or its baseline."""
+class Args(EvalArgs):
+    """Offline fine-tuning of a cql_multigame.py checkpoint on one (held-out) game, or its baseline. The
+    evaluation flags (--eval-episodes, ...) come from cql_multigame.EvalArgs."""
 
     # --- what to start from ---
     checkpoint: str = ""
@@ -101,19 +101,6 @@ class Args:
     bf16: bool = False
     """bfloat16 autocast for the network on CUDA/XLA; the loss math stays float32"""
 
-    # --- evaluation (DQN-Replay protocol, see atari.evaluate) ---
-    eval_episodes: int = 8
-    """episodes at every evaluation (ours)"""
-    eval_envs: int = 8
-    """episodes played in parallel, one batched forward per step"""
-    eval_workers: int = 0
-    """subprocesses stepping the evaluation envs (0: in this process; ALE holds the GIL, so threads would not
-    help); up to one per free core, same episodes and returns (2 on a 2-core CPU: 1.2x faster stepping)"""
-    eval_epsilon: float = 0.001
-    """epsilon of the evaluation policy (DQN-Replay protocol)"""
-    eval_max_steps: int = 27_000
-    """agent steps per evaluation episode (DQN-Replay protocol: 27,000 = 108k frames)"""
-
     # --- run, logging, checkpoints ---
     log_every: int = 1000
     """gradient steps between TensorBoard scalars (the only host syncs of the loop)"""
@@ -137,11 +124,9 @@ class Args:
 
 
 def check_args(args: Args) -> str:
-    """Flags that make no sense together; returns the canonical game name."""
-    try:
-        game = atari.check_game(args.game)
-    except ValueError as e:
-        raise ConfigError(f"--game: {e}") from None
+    """Flags that make no sense together (and the shared cql_multigame.check_flags); returns the canonical
+    game name."""
+    game = cql_multigame.check_game(args.game)
     if args.from_scratch and args.compare:
         raise ConfigError("--compare already runs the from-scratch baseline; drop --from-scratch.")
     if args.from_scratch and args.fine_tune_existing_head:
@@ -151,10 +136,7 @@ def check_args(args: Args) -> str:
             "pass --checkpoint (a cql_multigame.py checkpoint.pt), or --from-scratch with --arch for the "
             "baseline without one."
         )
-    if args.arch and args.arch not in resnet.ARCHS:
-        raise ConfigError(f"unknown --arch {args.arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
-    cql_multigame.check_ranges(args)  # every numeric flag, the same rules as the other scripts
-    cql_multigame.parse_checkpoints(args.checkpoints)
+    cql_multigame.check_flags(args)
     return game
 
 
@@ -210,7 +192,7 @@ def build_network(args: Args, ckpt: dict[str, Any] | None, game: str) -> resnet.
     return net
 
 
-def variant(args: Args) -> str:
+def run_kind(args: Args) -> str:
     """Short name of what trains from where: finetune, existinghead or scratch, + _frozen."""
     name = "scratch" if args.from_scratch else "existinghead" if args.fine_tune_existing_head else "finetune"
     return name + ("_frozen" if args.freeze_trunk else "")
@@ -225,11 +207,11 @@ def describe(args: Args) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# One fine-tuning run
+# One fine-tuning run: cql_multigame.py's loop on one game
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(
+def fine_tune(
     args: Args,
     net: resnet.QNetwork,
     data: replay.MultiGameReplay,
@@ -237,111 +219,28 @@ def train(
     support: torch.Tensor,
     device: torch.device,
     run_dir: Path,
-    stop: StopSignals | None = None,
+    stop: StopSignals,
 ) -> dict[str, Any]:
-    """C51 + CQL on one game's data (cql_multigame.compute_loss), periodic and final evaluation.
-    With `stop` (main's), SIGINT/SIGTERM finish the current step, save the checkpoint and raise
-    RunInterrupted; a signal during an evaluation drops it."""
-    stop = stop or StopSignals()  # not entered: no handlers, never set
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
+    """Train `net` with cql_multigame.py's training step and loop (`update`, `train`: the same cadence of
+    target updates, logs, evaluations and checkpoints) on one game's data, then evaluate it; returns the
+    summary (also <run_dir>/summary.json). SIGINT/SIGTERM save the current step and raise RunInterrupted."""
     net = net.to(device)
-    target_net = resnet.target_network(net)
     optimizer = cql_multigame.make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
-    legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, A]
-    bf16 = args.bf16 and device.type in ("cuda", "xla")
+    learner = cql_multigame.Learner(
+        net, resnet.target_network(net), optimizer,
+        support=support, legal_table=cql_multigame.legal_action_table([game]).to(device),  # [1, A]
+        cql_alpha=args.cql_alpha, td_weight=args.td_weight, bf16=args.bf16 and device.type in ("cuda", "xla"),
+    )  # fmt: skip
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(run_dir))
-    cql_multigame.write_hyperparameters(writer, args)
+    def report(result: dict[str, Any], step: int) -> str:  # what a periodic evaluation prints
+        return final_line(game, result["games"][game], step, run_kind(args))
+
+    run = cql_multigame.Run(args, run_dir, [game], report=report).open(desc=run_kind(args))
     stream = cql_multigame.BatchStream(data, args.batch_size, device, args.prefetch)
-    progress = tqdm(
-        total=args.total_steps, desc=variant(args), unit="step", dynamic_ncols=True, mininterval=1.0
-    )
-    replay_state, last_log = data.state_dict(), (time.perf_counter(), 0)
-
-    def save(at_step: int) -> None:
-        state = cql_multigame.checkpoint_state(
-            net, target_net, optimizer, at_step, dataclasses.asdict(args), [game], replay_state
-        )
-        cql_multigame.save_checkpoint(run_dir / "checkpoint.pt", state)
-
-    def abandonable_evaluation(at_step: int) -> dict[str, Any] | None:
-        try:
-            with stop.abandonable():
-                return cql_multigame.evaluate_games(
-                    net, [game], support, device, args, seed=args.seed + at_step
-                )
-        except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
-            if stop.signum is None:
-                raise
-            return None
-
-    stop.abandon = False  # a signal lets the current step finish; the loop then saves and stops
-    try:
-        for step in range(1, args.total_steps + 1):
-            batch, replay_state = stream.next()
-            loss, metrics = cql_multigame.compute_loss(
-                net, target_net, batch, support, legal_table, args.cql_alpha, args.td_weight, bf16
-            )
-            cql_multigame.gradient_step(loss, optimizer, device)
-            if step % args.target_update_every == 0:
-                target_net.load_state_dict(net.state_dict())
-            cql_multigame.sync_device(device)
-            progress.update(1)
-
-            if step % args.log_every == 0 or step == args.total_steps:
-                values = cql_multigame.fetch_metrics(
-                    metrics, f"at step {step}", "lower --lr or check the data."
-                )
-                now = time.perf_counter()
-                sps = (step - last_log[1]) * args.batch_size / max(now - last_log[0], 1e-9)
-                last_log = (now, step)
-                cql_multigame.log_training(writer, values, step, sps, run_dir / "metrics.jsonl")
-                progress.set_postfix(
-                    loss=f"{values['loss']:.3f}", q=f"{values['q_data']:.2f}", sps=f"{sps:.0f}"
-                )
-            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-                result = abandonable_evaluation(step)
-                if result is not None:
-                    cql_multigame.log_evaluation(writer, result, step)
-                    progress.write(final_line(game, result["games"][game], step, variant(args)))
-            saved = step % args.save_every == 0 or step == args.total_steps
-            if saved:
-                save(step)
-            if stop.signum is not None:
-                if not saved:
-                    save(step)
-                raise RunInterrupted(
-                    f"interrupted by {stop.name} at step {step:,} of {args.total_steps:,}: "
-                    f"{run_dir / 'checkpoint.pt'} holds the network at step {step:,}; fine-tuning runs have "
-                    "no --resume, so rerun with another --run-name to start over.",
-                    stop.signum,
-                )
-    except Interrupted as e:  # a second signal inside a step (or a save): that step is not saved
-        raise RunInterrupted(
-            f"stopped at once by a second {e}, without saving the step it cut; fine-tuning runs have no "
-            "--resume, rerun with another --run-name.",
-            e.signum,
-        ) from None
-    finally:
-        stop.abandon = True
-        stream.close()
-        progress.close()
-        writer.flush()
-
-    result = abandonable_evaluation(args.total_steps)
-    if result is None:
-        raise RunInterrupted(
-            f"interrupted by {stop.name} during the final evaluation: {run_dir / 'checkpoint.pt'} holds the "
-            f"trained network (step {args.total_steps:,}), not evaluated; fine-tuning runs have no --resume, "
-            "rerun with another --run-name.",
-            stop.signum,
-        )
-    cql_multigame.log_evaluation(writer, result, args.total_steps)
-    writer.close()
-    summary = {"game": game, "variant": variant(args), "init": describe(args), "step": args.total_steps}
+    step = cql_multigame.train(args, learner, stream, run, stop)
+    result = run.final_evaluation(learner, step, stop)
+    run.close()
+    summary = {"game": game, "variant": run_kind(args), "init": describe(args), "step": step}
     summary.update(run_dir=str(run_dir), **result["games"][game])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -380,53 +279,40 @@ def main(args: Args) -> dict[str, Any]:
     SIGINT/SIGTERM stop it with a saved checkpoint (RunInterrupted); the run folder's lock (RunLock) is
     released however it ends."""
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
-        return finetune(args, stop, cleanup)
+        game = check_args(args)
+        device = cql_multigame.select_device(args.device)
+        ckpt = load_source(args, game)
+        kind = "compare" if args.compare else run_kind(args)
+        base = Path(args.runs_dir) / (args.run_name or f"finetune_{game}_{kind}_seed{args.seed}")
+        plans = [(args, base)]
+        if args.compare:
+            # the baseline differs only in the init: with --freeze-trunk it is frozen too (random features)
+            scratch = dataclasses.replace(
+                args, from_scratch=True, freeze_trunk=args.freeze_trunk, fine_tune_existing_head=False
+            )
+            plans = [(args, base / "finetune"), (scratch, base / "scratch")]
+        for _, run_dir in plans:
+            if (run_dir / "checkpoint.pt").exists():
+                raise ConfigError(f"{run_dir} already holds a checkpoint; pass another --run-name.")
+        cleanup.enter_context(RunLock(base))  # one writer; an unwritable --runs-dir fails before any load
 
-
-def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    """main's work, inside its signal handlers and cleanup."""
-    game = check_args(args)
-    device = cql_multigame.select_device(args.device)
-    ckpt = load_source(args, game)
-    name = args.run_name or f"finetune_{game}_{'compare' if args.compare else variant(args)}_seed{args.seed}"
-    base = Path(args.runs_dir) / name
-    plans = [(args, base)]
-    if args.compare:
-        # the baseline differs only in the init: with --freeze-trunk it is frozen too (random features)
-        scratch = dataclasses.replace(
-            args, from_scratch=True, freeze_trunk=args.freeze_trunk, fine_tune_existing_head=False
+        support = cql_multigame.support_from_checkpoint(ckpt, device)  # [K]
+        data = replay.MultiGameReplay(
+            args.data_dir,
+            [game],
+            runs=tuple(args.runs),
+            checkpoints=cql_multigame.parse_checkpoints(args.checkpoints),
+            fraction=args.fraction,
+            n_step=args.n_step,
+            gamma=args.gamma,
+            memory_budget_gb=args.memory_budget_gb,
+            seed=args.seed,
         )
-        plans = [(args, base / "finetune"), (scratch, base / "scratch")]
-    for _, run_dir in plans:
-        if (run_dir / "checkpoint.pt").exists():
-            raise ConfigError(f"{run_dir} already holds a checkpoint; pass another --run-name.")
-    cleanup.enter_context(RunLock(base))  # one writer; an unwritable --runs-dir is found before the data load
-
-    defaults = cql_multigame.Args()  # the pre-training support when the checkpoint does not record it
-    ckpt_args = ckpt["args"] if ckpt is not None else {}
-    num_atoms = ckpt["net_config"]["num_atoms"] if ckpt is not None else defaults.num_atoms
-    support = torch.linspace(
-        ckpt_args.get("v_min", defaults.v_min),
-        ckpt_args.get("v_max", defaults.v_max),
-        num_atoms,
-        device=device,
-    )  # [K]
-    data = replay.MultiGameReplay(
-        args.data_dir,
-        [game],
-        runs=tuple(args.runs),
-        checkpoints=cql_multigame.parse_checkpoints(args.checkpoints),
-        fraction=args.fraction,
-        n_step=args.n_step,
-        gamma=args.gamma,
-        memory_budget_gb=args.memory_budget_gb,
-        seed=args.seed,
-    )
-    print(data.plan_summary())
-    start_state = data.state_dict()  # --compare: both runs see the same batches
-    transitions = data.stats()["loaded_transitions"]
-    summaries = []
-    try:
+        cleanup.callback(data.close)
+        print(data.plan_summary())
+        start_state = data.state_dict()  # --compare: both runs see the same batches
+        transitions = data.stats()["loaded_transitions"]
+        summaries = []
         for run_args, run_dir in plans:
             data.load_state_dict(start_state)
             torch.manual_seed(run_args.seed)
@@ -438,32 +324,18 @@ def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> di
                 f"{describe(run_args)}: {net.arch}, {counts['total'] / 1e6:.2f}M parameters "
                 f"({trained / 1e6:.2f}M trained) on {device}; logs and checkpoint in {run_dir}"
             )
-            summaries.append(train(run_args, net, data, game, support, device, run_dir, stop))
-            print(final_line(game, summaries[-1], run_args.total_steps, variant(run_args)))
-    finally:
-        data.close()
+            summaries.append(fine_tune(run_args, net, data, game, support, device, run_dir, stop))
+            print(final_line(game, summaries[-1], run_args.total_steps, run_kind(run_args)))
 
-    out: dict[str, Any] = {"runs": summaries, "transitions": transitions}
-    if args.compare:
-        (base / "compare.json").write_text(json.dumps(out, indent=2))
-        print(f"\nTensorBoard: tensorboard --logdir {base}; both runs: {base / 'compare.json'}\n")
-        print(compare_table(summaries[0], summaries[1], transitions))
-    return out
-
-
-def run(args: Args) -> None:
-    """Run `main`, printing user mistakes as one line instead of a traceback."""
-    try:
-        main(args)
-    except (ConfigError, replay.ReplayDataError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except (RunInterrupted, Interrupted) as e:
-        cql_multigame.exit_interrupted(e)
-    except OSError as e:
-        cql_multigame.exit_on_disk_error(e)
+        out: dict[str, Any] = {"runs": summaries, "transitions": transitions}
+        if args.compare:
+            (base / "compare.json").write_text(json.dumps(out, indent=2))
+            print(f"\nTensorBoard: tensorboard --logdir {base}; both runs: {base / 'compare.json'}\n")
+            print(compare_table(summaries[0], summaries[1], transitions))
+        return out
 
 
 if __name__ == "__main__":
     import tyro
 
-    run(tyro.cli(Args))
+    cql_multigame.run_script(main, tyro.cli(Args))

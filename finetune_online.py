@@ -11,21 +11,21 @@ e.g. Freeway, Hero or Breakout variants), against the same learner started from 
   the online network per step, epsilon-greedy over the game's legal actions on expected Q-values;
 * replay: one replay.FrameBuffer per env (each env is its own stream of episodes), so stacking, episode-start
   padding and n-step targets follow exactly the DQN-Replay / Dopamine rules that the offline data uses;
-* learning: cql_multigame.compute_loss (n-step C51 from a target network, the CQL term optional), Adam,
-  hard target updates;
+* learning: cql_multigame.update, the offline scripts' training step (n-step C51 from a target network, the
+  CQL term optional, Adam), and hard target updates;
 * periodic evaluation on the variant with atari.evaluate (sticky actions, epsilon 0.001), TensorBoard, a
   final table, a summary JSON and a checkpoint in cql_multigame.py's format (one head: this game).
 
 It can also make DQN-Replay data: `--log-replay-dir` writes every env's replay the way batch_rl's logged
 replay buffer wrote DQN-Replay (`ReplayLogger`), and `--resume` continues an interrupted run (everything but
-the emulator states is restored; see `save_state` in `_train`).
+the emulator states is restored; see `save_state` in `train_online`).
 
 Left out: the paper's exact online budget and fine-tuning hyperparameters (our sources do not state them;
 every such default is marked "ours"), prioritized replay, and data-parallel acting/learning over several
 devices (one process, one device).
 
 Read top to bottom: `Args`, the network set-up, the replay helpers (`add_to_buffers`, `collect`,
-`sample_batch`), acting, evaluation and the report, then `main`.
+`sample_batch`), acting, evaluation and the report, then `main` and its loop `train_online`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import atari
 import cql_multigame
 import replay
 import resnet
-from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, StopSignals
+from cql_multigame import ConfigError, EvalArgs, Interrupted, RunInterrupted, RunLock, StopSignals
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -54,9 +53,10 @@ from cql_multigame import ConfigError, Interrupted, RunInterrupted, RunLock, Sto
 
 
 @dataclass
-class Args:
+class Args(EvalArgs):
     """Online fine-tuning on an ALE game variant (Scaled QL, Sec. 5.4). "ours" marks values the paper
-    does not state; they follow Dopamine's DQN/Rainbow Atari agents where one exists."""
+    does not state; they follow Dopamine's DQN/Rainbow Atari agents where one exists. The evaluation
+    flags (--eval-episodes, ...) come from cql_multigame.EvalArgs."""
 
     # --- what to fine-tune, and on what ---
     checkpoint: str = ""
@@ -147,17 +147,6 @@ class Args:
     eval_every: int = 250_000
     """agent steps between evaluations on the variant (also one before training and one at the end;
     0: only at the end)"""
-    eval_episodes: int = 8
-    """episodes per evaluation (ours)"""
-    eval_envs: int = 8
-    """evaluation episodes played in parallel, one batched forward per step"""
-    eval_workers: int = 0
-    """subprocesses stepping the evaluation envs (0: in this process; ALE holds the GIL, so threads would not
-    help); up to one per free core, same episodes and returns (2 on a 2-core CPU: 1.2x faster stepping)"""
-    eval_epsilon: float = 0.001
-    """epsilon of the evaluation policy (DQN-Replay protocol)"""
-    eval_max_steps: int = 27_000
-    """agent steps per evaluation episode (DQN-Replay protocol: 27,000)"""
     log_every: int = 10_000
     """agent steps between TensorBoard loss/throughput scalars (the only host syncs of the update)"""
 
@@ -170,12 +159,10 @@ MIN_BUFFER_PER_ENV = 100  # ours: far above stack + n_step, so every env's buffe
 
 
 def check_args(args: Args) -> str:
-    """Flag checks that need no files; returns the canonical game name."""
-    try:
-        game = atari.check_game(args.game)
-    except atari.AtariConfigError as e:
-        raise ConfigError(str(e)) from e
-    cql_multigame.check_ranges(args)  # every numeric flag, the same rules as the other scripts
+    """Flag checks that need no files (cql_multigame.check_flags and the buffer split); returns the
+    canonical game name."""
+    game = cql_multigame.check_game(args.game)
+    cql_multigame.check_flags(args)
     if args.buffer_size // args.num_envs < MIN_BUFFER_PER_ENV:
         raise ConfigError(
             f"--buffer-size {args.buffer_size} gives each of the {args.num_envs} envs fewer than "
@@ -417,7 +404,8 @@ def evaluate_variant(
     return {"returns": [float(r) for r in returns], "mean_return": mean, "hns": hns}
 
 
-def _variant(value: int | None) -> str:
+def _or_default(value: int | None) -> str:
+    """A --mode or --difficulty as written in names and tables: its number, or "default"."""
     return "default" if value is None else str(value)
 
 
@@ -431,7 +419,7 @@ def format_table(game: str, args: Args, evaluations: list[dict[str, Any]]) -> st
     for e in evaluations:
         hns = "n/a (no human score)" if e["hns"] is None else f"{e['hns']:.3f}"
         lines.append(
-            f"| {game} | {_variant(args.mode)} | {_variant(args.difficulty)} | {e['env_steps']:,} | "
+            f"| {game} | {_or_default(args.mode)} | {_or_default(args.difficulty)} | {e['env_steps']:,} | "
             f"{e['mean_return']:.1f} | {hns} |"
         )
     return "\n".join(lines)
@@ -440,7 +428,7 @@ def format_table(game: str, args: Args, evaluations: list[dict[str, Any]]) -> st
 def default_run_name(args: Args, game: str) -> str:
     init = "scratch" if args.from_scratch else "pretrained"
     frozen = "_frozen" if args.freeze_trunk else ""
-    variant = f"m{_variant(args.mode)}_d{_variant(args.difficulty)}"
+    variant = f"m{_or_default(args.mode)}_d{_or_default(args.difficulty)}"
     return args.run_name or f"online_{game}_{variant}_{init}{frozen}_seed{args.seed}"
 
 
@@ -450,34 +438,30 @@ def default_run_name(args: Args, game: str) -> str:
 
 
 def main(args: Args) -> dict[str, Any]:
-    """SIGINT/SIGTERM stop the run with a saved checkpoint (RunInterrupted); the run folder's lock
-    (RunLock) is released however it ends."""
+    """Fine-tune online on the variant; returns the summary (also <run_dir>/summary.json). SIGINT/SIGTERM
+    stop the run with a saved checkpoint (RunInterrupted); the run folder's lock (RunLock) is released and
+    the envs are closed however it ends."""
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
-        return finetune(args, stop, cleanup)
+        game = check_args(args)
+        device = cql_multigame.select_device(args.device)
+        envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
+            game,
+            args.num_envs,
+            mode=args.mode,
+            difficulty=args.difficulty,
+            sticky_actions=args.sticky_actions,
+            seed=args.seed,
+            max_episode_steps=args.max_episode_steps,
+        )
+        cleanup.callback(envs.close)
+        return train_online(args, game, device, envs, stop, cleanup)
 
 
-def finetune(args: Args, stop: StopSignals, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    """main's work, inside its signal handlers and cleanup."""
-    game = check_args(args)
-    device = cql_multigame.select_device(args.device)
-    envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
-        game,
-        args.num_envs,
-        mode=args.mode,
-        difficulty=args.difficulty,
-        sticky_actions=args.sticky_actions,
-        seed=args.seed,
-        max_episode_steps=args.max_episode_steps,
-    )
-    try:
-        return _train(args, game, device, envs, stop, cleanup)
-    finally:
-        envs.close()
-
-
-def _train(
+def train_online(
     args: Args, game: str, device: torch.device, envs: Any, stop: StopSignals, cleanup: contextlib.ExitStack
 ) -> dict[str, Any]:
+    """Act, store, learn, evaluate and save until --total-env-steps, inside main's signal handlers and
+    cleanup."""
     ckpt = cql_multigame.load_checkpoint(args.checkpoint)
     net, origin = build_network(ckpt, args.checkpoint, game, args.from_scratch, args.seed)
     run_dir = Path(args.runs_dir) / default_run_name(args, game)
@@ -496,10 +480,8 @@ def _train(
         raise ConfigError(
             f"{run_dir} holds an unfinished run; pass --resume to continue it or another --run-name."
         )
-    run_args = ckpt.get("args", {}) or {}
-    # ours: the C51 default [-10, 10] when the checkpoint's args lack the support
-    v_min, v_max = float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0))
-    support = torch.linspace(v_min, v_max, net.num_atoms, device=device)  # [K]
+    v_min, v_max, _ = cql_multigame.support_bounds(ckpt)  # recorded in this run's checkpoint too
+    support = cql_multigame.support_from_checkpoint(ckpt, device)  # [K]
 
     net = net.to(device)
     if args.freeze_trunk:
@@ -510,17 +492,18 @@ def _train(
     legal = np.asarray(atari.legal_actions(game))  # [L] full-set ids
     legal_t = torch.as_tensor(legal, device=device)
     legal_table = cql_multigame.legal_action_table([game]).to(device)  # [1, 18]
+    learner = cql_multigame.Learner(net, target_net, optimizer, support, legal_table, args.cql_alpha)
     rng = np.random.default_rng(args.seed)
     if resume is None:
         buffers = make_buffers(args, legal.tolist())
     else:
-        on = resume["online"]
+        online_state = resume["online"]
         net.load_state_dict(resume["model"])
         target_net.load_state_dict(resume["target"])
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
-        rng.bit_generator.state = on["numpy_rng"]
-        buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", on["buffer_suffix"])
+        rng.bit_generator.state = online_state["numpy_rng"]
+        buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", online_state["buffer_suffix"])
     logger = ReplayLogger(args.log_replay_dir, game, buffers, args.n_step) if args.log_replay_dir else None
     if logger is not None and resume is not None:
         logger.load_state_dict(resume["online"]["logger"])
@@ -534,7 +517,7 @@ def _train(
     counts = resnet.count_parameters(net)
     trainable = sum(p.numel() for p in params)
     print(
-        f"{game} mode {_variant(args.mode)} difficulty {_variant(args.difficulty)}: {origin}\n"
+        f"{game} mode {_or_default(args.mode)} difficulty {_or_default(args.difficulty)}: {origin}\n"
         f"device {device}, {net.arch}: {counts['total'] / 1e6:.2f}M parameters "
         f"({trainable / 1e6:.2f}M trained), {args.num_envs} envs, "
         f"{args.buffer_size // args.num_envs:,} transitions per env buffer; logs in {run_dir}"
@@ -561,9 +544,10 @@ def _train(
     env_steps = vec_steps = updates = resumes = 0
     next_eval, next_save = args.eval_every, args.save_every
     if resume is not None:
-        on = resume["online"]
-        env_steps, vec_steps, updates = on["env_steps"], on["vec_steps"], on["updates"]
-        next_eval, next_save, resumes = on["next_eval"], on["next_save"], on["resumes"] + 1
+        env_steps, vec_steps, updates, next_eval, next_save = (
+            resume["online"][k] for k in ("env_steps", "vec_steps", "updates", "next_eval", "next_save")
+        )
+        resumes = resume["online"]["resumes"] + 1
         print(f"resumed {run_dir} at {env_steps:,} env steps, {updates:,} updates (resume {resumes})")
     progress = tqdm(
         total=args.total_env_steps, initial=env_steps, unit="step", dynamic_ncols=True, mininterval=1.0
@@ -625,12 +609,9 @@ def _train(
             # sampled once each env has added more than n_step transitions (vec_steps > n_step).
             due = max(env_steps - args.learning_starts, 0) // args.train_every
             while updates < due and vec_steps > args.n_step:
-                b = sample_batch(buffers, args.batch_size, rng, updates)
-                batch = {k: torch.from_numpy(v).to(device) for k, v in b._asdict().items()}
-                loss, metrics = cql_multigame.compute_loss(
-                    net, target_net, batch, support, legal_table, args.cql_alpha
-                )
-                cql_multigame.gradient_step(loss, optimizer, device)
+                sampled = sample_batch(buffers, args.batch_size, rng, updates)
+                batch = {k: torch.from_numpy(v).to(device) for k, v in sampled._asdict().items()}
+                metrics = cql_multigame.update(learner, batch)
                 updates += 1
                 if updates % args.target_update_every == 0:
                     target_net.load_state_dict(net.state_dict())
@@ -688,11 +669,8 @@ def _train(
         if logger is not None:
             logger.final()
     except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
-        raise RunInterrupted(
-            f"stopped at once by a second {e}, without saving; the last save is {state_path} if it exists; "
-            f"{resume_with}",
-            e.signum,
-        ) from None
+        what_next = f"the last save is {state_path} if it exists; {resume_with}"
+        raise cql_multigame.stopped_at_once(e, f"at {env_steps:,} env steps", what_next) from None
     finally:
         stop.abandon = True
         progress.close()
@@ -725,19 +703,7 @@ def _train(
     return summary
 
 
-def run(args: Args) -> None:
-    """Run `main`, printing user mistakes as one line instead of a traceback."""
-    try:
-        main(args)
-    except (ConfigError, atari.AtariConfigError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except (RunInterrupted, Interrupted) as e:
-        cql_multigame.exit_interrupted(e)
-    except OSError as e:
-        cql_multigame.exit_on_disk_error(e)
-
-
 if __name__ == "__main__":
     import tyro
 
-    run(tyro.cli(Args))
+    cql_multigame.run_script(main, tyro.cli(Args))

@@ -102,9 +102,9 @@ PROBE = """
 import torch, torch_xla, torch_xla.runtime as xr, torch_xla.distributed.spmd as xs
 import cql_multigame as cql
 xr.use_spmd()
-d = cql.setup_spmd()
+processes = cql.setup_spmd()
 b = {"obs": torch.zeros(BATCH, 4, 84, 84, dtype=torch.uint8), "game": torch.arange(BATCH)}
-for k, v in cql.shard_batch(b, torch_xla.device(), d.mesh).items():
+for k, v in cql.shard_batch(b, torch_xla.device(), processes.mesh).items():
     shards = [tuple(s.data.shape) for s in xs.wrap_if_sharded(v).local_shards]
     spec = torch_xla._XLAC._get_xla_sharding_spec(v)
     print(f"{k} {tuple(v.shape)} -> {len(shards)} shards of {shards[0]}, {spec}")

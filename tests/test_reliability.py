@@ -496,9 +496,9 @@ def _agree_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    d = cql_multigame.Dist(rank=rank, world_size=2)
+    processes = cql_multigame.Processes(rank=rank, world_size=2)
     # only rank 1 got the signal; both must stop, at the same agreement
-    agreed = [cql_multigame.agree_to_stop(d, requested=rank == 1 and k == 1) for k in range(3)]
+    agreed = [cql_multigame.agree_to_stop(processes, requested=rank == 1 and k == 1) for k in range(3)]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(agreed))
     dist.destroy_process_group()
 
