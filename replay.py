@@ -1725,22 +1725,18 @@ def _make_policy(
             f"--policy {policy} has no head for {game} (it knows {', '.join(ckpt['games'])}); "
             "record other games or use --policy random."
         )
+    import atari
+    import cql_multigame
+
     net.eval()
     head = torch.tensor([list(ckpt["games"]).index(game)])
-    run_args = ckpt.get("args", {}) or {}
-    # ours: the support of cql_multigame.py's Args (C51 default [-10, 10]) when the checkpoint lacks it
-    support = torch.linspace(
-        float(run_args.get("v_min", -10.0)), float(run_args.get("v_max", 10.0)), net.num_atoms
-    )  # [K]
+    support = cql_multigame.support_from_checkpoint(ckpt)  # [K], with its one documented fallback
     legal_t = torch.as_tensor(legal)
 
     def act(obs: np.ndarray) -> int:
-        if rng.random() < epsilon:
-            return int(rng.integers(len(legal)))
         with torch.no_grad():
-            logits = net(torch.from_numpy(obs[None]), head)  # [1, 18, K]
-            q = (logits.softmax(-1) * support).sum(-1)[0]  # [18]
-        return int(q[legal_t].argmax())
+            q = cql_multigame.expected_q(net(torch.from_numpy(obs[None]), head), support)  # [1, 18]
+        return int(atari.epsilon_greedy(q[:, legal_t].numpy(), epsilon, rng)[0])  # the evaluation's rule
 
     return act
 

@@ -310,8 +310,7 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
 
     ckpt = cql_multigame.load_checkpoint(checkpoint)
     net = cql_multigame.network_from_checkpoint(ckpt, path=checkpoint).eval()
-    run_args = ckpt["args"]
-    support = torch.linspace(run_args["v_min"], run_args["v_max"], net.num_atoms)
+    support = cql_multigame.support_from_checkpoint(ckpt)  # [K]
     data = replay.MultiGameReplay(
         args.data_dir, list(args.games), runs=(1,), checkpoints="nearoptimal", memory_budget_gb=8.0, seed=seed
     )
