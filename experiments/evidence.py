@@ -652,17 +652,22 @@ def main(args: Args) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
-    import tyro
-
+def run_experiment(main_fn, args: Any, script: str) -> None:
+    """Run an experiment's main(args) (evidence.py, transfer.py): an interrupt is one line (the interrupted
+    run saved its checkpoint; finished stages are cached) and a user error one line, no traceback."""
     import cql_multigame
 
     try:
-        main(tyro.cli(Args))
+        main_fn(args)
     except (cql_multigame.RunInterrupted, cql_multigame.Interrupted, KeyboardInterrupt) as e:
-        # one line, no traceback: the interrupted run saved its checkpoint, finished stages are in stages.json
         signum = getattr(e, "signum", 2)
-        print(f"\n{e}\nevidence.py: run the same command again to continue.", file=sys.stderr, flush=True)
+        print(f"\n{e}\n{script}: run the same command again to continue.", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
-    except (cql_multigame.ConfigError, replay.ReplayDataError) as e:
+    except (cql_multigame.ConfigError, replay.ReplayDataError, atari.AtariConfigError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    run_experiment(main, tyro.cli(Args), "evidence.py")

@@ -329,13 +329,4 @@ def main(args: Args) -> dict[str, Any]:
 if __name__ == "__main__":
     import tyro
 
-    import cql_multigame
-
-    try:
-        main(tyro.cli(Args))
-    except (cql_multigame.RunInterrupted, cql_multigame.Interrupted, KeyboardInterrupt) as e:
-        signum = getattr(e, "signum", 2)
-        print(f"\n{e}\ntransfer.py: run the same command again to continue.", file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    except (cql_multigame.ConfigError, replay.ReplayDataError) as e:
-        sys.exit(f"error: {e}")
+    evidence.run_experiment(main, tyro.cli(Args), "transfer.py")
