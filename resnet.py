@@ -175,20 +175,12 @@ def normalize_features(x: torch.Tensor) -> torch.Tensor:
 class GameHeads(nn.Module):
     """One linear layer per game, mapping features [B, D] to [B, num_actions * num_atoms].
 
-    Form (a): one dense matmul against all G heads, then a gather of each sample's own block. It has
-    static shapes, works for any mix of games in a batch (a one-game evaluation batch; sampler shares that
-    differ by one), and the gather's backward is a scatter, so every other game's head gets a gradient of
-    exactly 0. It does G times the useful head FLOPs, which is small next to the trunk: for resnet101 with
-    40 games and D = 640 the heads cost 2*640*40*918 = 47 MFLOP per sample forward against 9.5 GFLOP for
-    the trunk at 84x84, 0.5% (backward keeps the same ratio). On an accelerator that is one large dense
-    matmul at near-peak throughput.
-    The alternatives: (b) gathering each sample's weights W[game] -> [B, A*K, D] and a batched
-    matrix-vector product moves B*D*A*K weights (1.2 GB at B = 512, D = 640): memory-bound everywhere;
-    (c) one batched matmul over games [G, B/G, D] x [G, D, A*K] is the cheapest but needs the batch grouped
-    into exactly equal shares, which the sampler does not give when B % G != 0, nor evaluation (one game).
-    Measured forward+backward, G = 40, D = 640, on this repo's 2-core CPU (benchmarks/bench_network.py):
-    B = 32: (a) 80 ms, (b) 342 ms, (c) 57 ms; B = 512: (a) 467 ms, (b) 3206 ms, (c) 61 ms. (c) is faster
-    here, by most at a large batch on CPU, where nobody trains resnet101; we take (a) for its generality.
+    One dense matmul against all G heads, then a gather of each sample's own block: static shapes, any mix of
+    games in a batch (a one-game evaluation batch; per-game shares that differ by one), and the gather's
+    backward is a scatter, so every other game's head gets a gradient of exactly 0. It does G times the
+    useful head FLOPs, small next to the trunk (0.5% for resnet101 with 40 games). The alternatives (gathering
+    each sample's weights; one batched matmul over equal per-game groups) and their measured times are in
+    the README's "Model sizes" (benchmarks/bench_network.py --heads-only).
     """
 
     def __init__(self, num_games: int, in_dim: int, out_dim: int):
