@@ -148,7 +148,7 @@ def run_offline(args: Args, seed: int) -> dict[str, Any]:
     base = Path(args.runs_dir) / f"offline_{args.offline_game}_seed{seed}"
     done = base / "transfer.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return same_start(args, json.loads(done.read_text()), base)
     if base.exists():  # an interrupted comparison: fine-tuning runs have no --resume, so redo it
         shutil.rmtree(base)
     base.mkdir(parents=True)
@@ -164,6 +164,7 @@ def run_offline(args: Args, seed: int) -> dict[str, Any]:
     with open(base / "train.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         out = finetune_offline.main(fargs)
     result = {
+        "checkpoint": args.checkpoint,
         "transitions": out["transitions"],
         "finetune": offline_curves(base / "finetune", args.offline_game),
         "scratch": offline_curves(base / "scratch", args.offline_game),
@@ -184,7 +185,7 @@ def run_online(args: Args, seed: int, from_scratch: bool) -> dict[str, Any]:
     name = f"online_{args.online_game}_{'scratch' if from_scratch else 'pretrained'}_seed{seed}"
     run_dir = Path(args.runs_dir) / name
     if (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text())
+        return same_start(args, json.loads((run_dir / "summary.json").read_text()), run_dir)
     oargs = finetune_online.Args(
         checkpoint=args.checkpoint, game=args.online_game, mode=args.online_mode,
         difficulty=args.online_difficulty, from_scratch=from_scratch, run_name=name, runs_dir=args.runs_dir,
@@ -199,6 +200,16 @@ def run_online(args: Args, seed: int, from_scratch: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         return finetune_online.main(oargs)
+
+
+def same_start(args: Args, cached: dict[str, Any], where: Path) -> dict[str, Any]:
+    """A cached run is reused only if it started from the same checkpoint (run folders are named by seed)."""
+    if cached.get("checkpoint") != args.checkpoint:
+        raise SystemExit(
+            f"error: {where} holds a run from --checkpoint {cached.get('checkpoint')}, not "
+            f"{args.checkpoint}; pass another --runs-dir."
+        )
+    return cached
 
 
 def online_curve(summary: dict[str, Any]) -> dict[str, float]:
