@@ -165,6 +165,10 @@ def test_transfer_quick_runs_end_to_end_and_caches(evidence_quick, tmp_path):
     again = transfer.main(args)  # everything cached: nothing re-runs
     assert again["offline"] == offline and again["online"] == result["online"]
     assert (runs / "offline_SpaceInvaders_seed1" / "transfer.json").stat().st_mtime_ns == stamp
+    other = tmp_path / "other.pt"  # another start: the cached runs must not be reused for it
+    other.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(SystemExit, match="holds a run from --checkpoint"):
+        transfer.main(transfer.Args(checkpoint=str(other), quick=True, plots=False, **dirs))
 
 
 def test_alpha_pilot_quick_writes_diagnostics(tmp_path):
