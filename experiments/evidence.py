@@ -294,11 +294,16 @@ def run_chain(args: Args, method: str, seed: int, threads: int) -> dict[str, Any
             "diagnostics": greedy_diagnostics(args, run_dir / "checkpoint.pt", seed),
             "seconds": time.perf_counter() - t0,
         }
-        tmp = stages_path.with_name(f"stages.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stages, indent=1))
-        os.replace(tmp, stages_path)
+        write_stages(stages_path, stages)
         print(f"{method} seed {seed}: step {at:,} done in {stages[str(at)]['seconds']:.0f} s", flush=True)
     return stages
+
+
+def write_stages(path: Path, stages: dict[str, Any]) -> None:
+    """stages.json, replaced atomically (a killed write leaves the previous file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stages, indent=1))
+    os.replace(tmp, path)
 
 
 def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any]:
@@ -344,22 +349,18 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
 def add_mean_q(args: Args, runs: dict[str, dict[str, Any]]) -> None:
     """Runs whose final stage was diagnosed before `mean_q` existed: diagnose their final checkpoint again
     (the same sample: same checkpoint and seed) and store it in stages.json."""
+    import cql_multigame
+
     final = str(args.eval_at[-1])
     for name, stages in runs.items():
         if final not in stages or all("mean_q" in d for d in stages[final]["diagnostics"].values()):
             continue
         method, seed = name.rsplit("_seed", 1)
         run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
-        if int(torch_step(run_dir / "checkpoint.pt")) != int(final):
+        if int(cql_multigame.load_checkpoint(run_dir / "checkpoint.pt")["step"]) != int(final):
             continue  # the checkpoint is no longer the final stage's network
         stages[final]["diagnostics"] = greedy_diagnostics(args, run_dir / "checkpoint.pt", int(seed))
-        (run_dir / "stages.json").write_text(json.dumps(stages, indent=1))
-
-
-def torch_step(checkpoint: Path) -> int:
-    import cql_multigame
-
-    return int(cql_multigame.load_checkpoint(checkpoint)["step"])
+        write_stages(run_dir / "stages.json", stages)
 
 
 def _die_with_parent() -> None:
@@ -636,7 +637,6 @@ def main(args: Args) -> dict[str, Any]:
     result = {
         "args": dataclasses.asdict(args),
         "behavior": behavior,
-        "data_action_shares": shares,
         "runs": runs,
         **agg,
         "wall_seconds_this_invocation": time.perf_counter() - start,

@@ -227,8 +227,8 @@ def mean_se(curves: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     out = {}
     for s in steps:
         x = np.array([c[str(s)] for c in curves if str(s) in c])
-        se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-        out[str(s)] = {"mean": float(x.mean()), "se": se, "n": len(x)}
+        m = evidence.mean_ci(x)
+        out[str(s)] = {"mean": m["mean"], "se": m["se"] or 0.0, "n": len(x)}
     return out
 
 
