@@ -36,6 +36,8 @@ class Args:
     """gradient steps per pilot (evidence.py's first evaluation point)"""
     seed: int = 0
     """pilot seed (evidence.py's evaluated runs use 1, 2, 3)"""
+    games: tuple[str, ...] = ("Freeway", "DemonAttack", "Breakout")
+    """games of the pilot networks: evidence.py's games when alpha was chosen (Centipede came later)"""
     runs_dir: str = "runs/alpha_pilot"
     """run folders of the pilots"""
     data_dir: str = "data/evidence"
@@ -70,7 +72,7 @@ def pilot(args: Args, alpha: float, ev: evidence.Args) -> dict:
 
 
 def main(args: Args) -> dict:
-    ev = evidence.Args(data_dir=args.data_dir)
+    ev = evidence.Args(data_dir=args.data_dir, games=tuple(args.games))
     if args.quick:
         ev = evidence.quick_args(ev)
         args = dataclasses.replace(args, steps=ev.total_steps)

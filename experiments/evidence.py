@@ -69,8 +69,9 @@ class Args:
     """DQN-Replay-format data of the scripted behavior (recorded once, then reused)"""
     runs_dir: str = "runs/evidence"
     """run folders of the training runs (checkpoints, TensorBoard, stages.json)"""
-    games: tuple[str, ...] = ("Freeway", "DemonAttack", "Breakout")
-    """training games with a scripted behavior in experiments/behavior.py"""
+    games: tuple[str, ...] = ("Freeway", "DemonAttack", "Breakout", "Centipede")
+    """training games with a scripted behavior in experiments/behavior.py (Centipede was added after the
+    first three had been evaluated; experiments/behavior.py says why)"""
     transitions_per_game: int = 100_000
     """recorded transitions per game (ours: what a 2-core CPU records in about a minute per game)"""
     checkpoints_per_game: int = 2
@@ -158,8 +159,10 @@ def logs_dir(args: Args, game: str) -> Path:
 
 
 def make_data(args: Args) -> None:
-    """Record every game that has no complete data yet (a game's data is complete when its last checkpoint and
-    its episode returns are there; a half-recorded game is recorded again)."""
+    """Record the data unless every game's is complete (its last checkpoint and episode returns are there).
+
+    All games are recorded together, even if only one is missing: the recorder seeds each game's stream from
+    its position in the list, so the data of a game is the same whichever games were recorded before."""
     capacity = args.transitions_per_game // args.checkpoints_per_game
     todo = [
         g
@@ -168,10 +171,11 @@ def make_data(args: Args) -> None:
     ]
     if not todo:
         return
-    print(f"recording {capacity * args.checkpoints_per_game:,} transitions of scripted behavior for {todo}")
+    print(f"recording {capacity * args.checkpoints_per_game:,} transitions of scripted behavior for "
+          f"{list(args.games)} ({todo} missing)")  # fmt: skip
     replay.record(
         args.data_dir,
-        todo,
+        list(args.games),
         runs=(1,),
         num_checkpoints=args.checkpoints_per_game,
         capacity=capacity,
@@ -299,6 +303,33 @@ def run_chain(args: Args, method: str, seed: int, threads: int) -> dict[str, Any
     return stages
 
 
+def run_config(args: Args, method: str) -> dict[str, Any]:
+    """What a run folder's cached stages depend on, besides its method and seed (which name the folder)."""
+    keys = ("games", "transitions_per_game", "checkpoints_per_game", "data_seed", "arch", "batch_size", "lr",
+            "target_update_every", "eval_episodes", "eval_max_steps")  # fmt: skip
+    return {**{k: list(v) if isinstance(v := getattr(args, k), tuple) else v for k in keys},
+            **method_overrides(args, method)}  # fmt: skip
+
+
+def check_run_config(args: Args, method: str, run_dir: Path) -> None:
+    """A run folder is reused only by the configuration that made it (run_config.json): a folder of another
+    configuration (e.g. other --games) would otherwise pass its finished stages off as this one's."""
+    path, config = run_dir / "run_config.json", run_config(args, method)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != config:
+            diff = ", ".join(f"{k}: {saved.get(k)} there, {config.get(k)} here" for k in config
+                             if saved.get(k) != config.get(k))  # fmt: skip
+            raise SystemExit(f"error: {run_dir} holds a run of another configuration ({diff}); "
+                             "pass another --runs-dir.")  # fmt: skip
+        return
+    if (run_dir / "stages.json").is_file():
+        raise SystemExit(f"error: {run_dir} holds stages without a run_config.json (an older run); "
+                         "pass another --runs-dir.")  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+
+
 def write_stages(path: Path, stages: dict[str, Any]) -> None:
     """stages.json, replaced atomically (a killed write leaves the previous file)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -387,6 +418,8 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
             path = Path(args.runs_dir) / run_name(args, m, s) / "stages.json"
             results[f"{m}_seed{s}"] = json.loads(path.read_text()) if path.is_file() else {}
         return results
+    for m, s in chains:  # before anything trains: one sentence for a folder of another configuration
+        check_run_config(args, m, Path(args.runs_dir) / run_name(args, m, s))
     if args.jobs <= 1:
         for m, s in chains:
             results[f"{m}_seed{s}"] = run_chain(args, m, s, threads)

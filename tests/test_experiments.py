@@ -125,7 +125,8 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
     tmp_path, dirs, out = evidence_quick
     assert "| game | behavior (data) | BC | TD only | CQL |" in out.stdout
     result = json.loads((tmp_path / "out_dir" / "results.json").read_text())
-    games = ("Freeway", "DemonAttack", "Breakout")
+    games = evidence.Args().games
+    assert set(games) >= {"Freeway", "DemonAttack", "Breakout", "Centipede"}
     assert set(result["table"]) == set(games) and set(result["claim"]) == set(games)
     for name in ("cql_seed1", "bc_seed1", "td_seed1"):
         stages = result["runs"][name]
@@ -142,6 +143,10 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
     again = evidence.main(evidence.Args(quick=True, plots=False, **dirs))  # all cached: nothing re-runs
     assert cql_stages.read_text() == before
     assert again["table"] == result["table"]
+    other = evidence.Args(quick=True, plots=False, games=("Freeway", "Breakout"), **dirs)  # cached data
+    with pytest.raises(SystemExit, match="another configuration .*games"):  # its finished stages are not ours
+        evidence.main(other)
+    assert cql_stages.read_text() == before
 
 
 def test_transfer_quick_runs_end_to_end_and_caches(evidence_quick, tmp_path):
