@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -202,6 +203,24 @@ def run_online(args: Args, seed: int, from_scratch: bool) -> dict[str, Any]:
         return finetune_online.main(oargs)
 
 
+def check_start(args: Args) -> None:
+    """--runs-dir holds runs of one start: start.json names its checkpoint file and content (sha256), so a
+    checkpoint re-trained at the same path (e.g. evidence.py with other --games) cannot reuse them."""
+    digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    path, start = Path(args.runs_dir) / "start.json", {"checkpoint": args.checkpoint, "sha256": digest}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != start:
+            raise SystemExit(
+                f"error: {args.runs_dir} holds runs from --checkpoint {saved['checkpoint']} (sha256 "
+                f"{saved['sha256'][:12]}), not {args.checkpoint} (sha256 {digest[:12]}); pass another "
+                "--runs-dir."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(start, indent=1))
+
+
 def same_start(args: Args, cached: dict[str, Any], where: Path) -> dict[str, Any]:
     """A cached run is reused only if it started from the same checkpoint (run folders are named by seed)."""
     if cached.get("checkpoint") != args.checkpoint:
@@ -292,6 +311,7 @@ def main(args: Args) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_start(args)
     make_offline_data(args)
     behavior = evidence.mean_ci(
         np.array(replay.read_episode_returns(Path(args.data_dir) / args.offline_game / "1" / "replay_logs"))

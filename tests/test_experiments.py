@@ -172,8 +172,14 @@ def test_transfer_quick_runs_end_to_end_and_caches(evidence_quick, tmp_path):
     assert (runs / "offline_SpaceInvaders_seed1" / "transfer.json").stat().st_mtime_ns == stamp
     other = tmp_path / "other.pt"  # another start: the cached runs must not be reused for it
     other.write_bytes(checkpoint.read_bytes())
-    with pytest.raises(SystemExit, match="holds a run from --checkpoint"):
+    with pytest.raises(SystemExit, match="holds runs from --checkpoint"):
         transfer.main(transfer.Args(checkpoint=str(other), quick=True, plots=False, **dirs))
+    fresh = transfer.Args(checkpoint=str(other), runs_dir=str(tmp_path / "fresh"))
+    transfer.check_start(fresh)  # a new --runs-dir takes the start it is given
+    transfer.check_start(fresh)
+    other.write_bytes(checkpoint.read_bytes() + b"retrained")  # the same path, another network: refused
+    with pytest.raises(SystemExit, match="sha256"):
+        transfer.check_start(fresh)
 
 
 def test_alpha_pilot_quick_writes_diagnostics(tmp_path):
