@@ -18,13 +18,12 @@ rank it higher.
 
 Centipede was added after the first three games had been evaluated (README, Results): there Q-learning
 found Freeway's good action but not DemonAttack's, although always-FIRE scores far above DemonAttack's
-behavior (580 vs 178, measured on the scripted parts alone, no learned policy). Our reading: a DemonAttack
-shot pays only after a long flight and rarely (0.3-0.5% of steps carry a reward), far beyond the 3-step
-return, so its value must travel by bootstrapping through pixels of a laser in flight. Centipede is the same
-shooter's mixture on a game whose shots pay within a few steps and often (6-8% of steps under the mixture
-and under always-FIRE, whose return, 27,808 over 3,000 steps, is far above the mixture's 3,257 in 1,120
-steps; one episode each, seed 1). Chosen on these measurements of the scripted policies before any training
-on Centipede.
+behavior (580 vs 178 over 4 episodes, measured on the scripted policy alone, no learning). Our guess, not
+measured: a DemonAttack shot pays only after a long flight, so its value must travel by bootstrapping
+through frames of a laser in flight. Centipede is the same shooter's mixture on a game whose shots meet
+something within a few steps: always-FIRE scores 27,808 in 3,000 steps against the mixture's 3,257 in 1,120
+(one episode each, seed 1), and 6-8% of their steps carry a reward (DemonAttack 2%, Freeway 1%). It was
+chosen on these measurements of the scripted policies, before any training on it.
 
 SpaceInvaders is one of the paper's held-out games: its data is for experiments/transfer.py's offline
 fine-tuning, never for pre-training.

@@ -70,7 +70,7 @@ def play(game, seed, steps):
     return np.array(actions)
 
 
-@pytest.mark.parametrize("game", ["Freeway", "DemonAttack", "Breakout"])
+@pytest.mark.parametrize("game", ["Freeway", "DemonAttack", "Breakout", "Centipede"])
 def test_scripted_policy_is_deterministic_and_legal(game):
     a, b = play(game, 3, 300), play(game, 3, 300)
     np.testing.assert_array_equal(a, b)
@@ -86,6 +86,11 @@ def test_mixture_frequencies_make_the_bad_action_the_most_frequent():
     demon = play("DemonAttack", 0, 3000)
     assert np.mean(demon == behavior.FIRE) == pytest.approx(0.30, abs=0.03)
     assert np.mean(demon == behavior.NOOP) == pytest.approx(0.40, abs=0.03)
+    centipede = play("Centipede", 0, 3000)  # the same shooter's mixture on a game with 18 legal actions
+    assert np.mean(centipede == behavior.FIRE) == pytest.approx(0.30, abs=0.03)
+    assert np.mean(centipede == behavior.NOOP) == pytest.approx(0.40, abs=0.03)
+    assert set(centipede.tolist()) == {behavior.NOOP, behavior.FIRE, behavior.LEFT, behavior.RIGHT}
+    assert set(behavior.GOOD_ACTION) == set(behavior.MIXTURES)
     with pytest.raises(ValueError, match="no scripted behavior for Pong"):
         behavior.scripted("Pong", None, np.random.default_rng(0))
 
