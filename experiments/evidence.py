@@ -556,11 +556,10 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     lines += [
         "",
         "mean Q of every action on dataset states, best first (mean over seeds; in brackets: the action's "
-        "share of the data)",
+        "share of the data; the actions the data never takes in one cell, with their highest mean Q)",
         "",
-        "| game | method | " + " | ".join(f"Q (share) {i + 1}" for i in range(6)) + " |",
-        "|---|---|" + "---:|" * 6,
     ]
+    rows = []
     for game in args.games:
         g = agg["greedy_actions"][game]
         shares = agg["data_action_shares"][game]
@@ -569,10 +568,20 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             if not rs:
                 continue
             q = {a: float(np.mean([r[a] for r in rs])) for a in rs[0]}
-            cells = [f"{ACTION_NAMES[int(a)]} {v:.3f} ({shares.get(a, 0.0):.0%})"
-                     for a, v in sorted(q.items(), key=lambda kv: -kv[1])]  # fmt: skip
-            cells += [""] * (6 - len(cells))
-            lines.append(f"| {game} | {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+            ranked = sorted(q.items(), key=lambda kv: -kv[1])
+            cells = [
+                f"{ACTION_NAMES[int(a)]} {v:.3f} ({shares[a]:.0%})" for a, v in ranked if shares.get(a, 0) > 0
+            ]
+            unseen = [v for a, v in ranked if shares.get(a, 0) == 0]
+            if unseen:
+                cells.append(f"never taken ({len(unseen)}) {max(unseen):.3f}")
+            rows.append((f"| {game} | {METHOD_LABELS[m]} | ", cells))
+    width = max((len(c) for _, c in rows), default=1)
+    lines += [
+        "| game | method | " + " | ".join(f"Q (share) {i + 1}" for i in range(width)) + " |",
+        "|---|---|" + "---:|" * width,
+    ]
+    lines += [head + " | ".join(cells + [""] * (width - len(cells))) + " |" for head, cells in rows]
     return "\n".join(lines)
 
 
