@@ -314,20 +314,25 @@ def run_config(args: Args, method: str) -> dict[str, Any]:
 def check_run_config(args: Args, method: str, run_dir: Path) -> None:
     """A run folder is reused only by the configuration that made it (run_config.json): a folder of another
     configuration (e.g. other --games) would otherwise pass its finished stages off as this one's."""
-    path, config = run_dir / "run_config.json", run_config(args, method)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != config:
-            diff = ", ".join(f"{k}: {saved.get(k)} there, {config.get(k)} here" for k in config
-                             if saved.get(k) != config.get(k))  # fmt: skip
-            raise SystemExit(f"error: {run_dir} holds a run of another configuration ({diff}); "
-                             "pass another --runs-dir.")  # fmt: skip
-        return
-    if (run_dir / "stages.json").is_file():
+    if not (run_dir / "run_config.json").is_file() and (run_dir / "stages.json").is_file():
         raise SystemExit(f"error: {run_dir} holds stages without a run_config.json (an older run); "
                          "pass another --runs-dir.")  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=1))
+    remember_or_refuse(run_dir / "run_config.json", run_config(args, method), "another configuration")
+
+
+def remember_or_refuse(path: Path, record: dict[str, Any], other: str) -> None:
+    """A folder's cached results belong to what made them: the first call writes `record` to `path`; a later
+    call with another record stops with one sentence naming `other` and every key that differs."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        return
+    saved = json.loads(path.read_text())
+    if saved != record:
+        diff = ", ".join(
+            f"{k}: {saved.get(k)} there, {v} here" for k, v in record.items() if saved.get(k) != v
+        )
+        raise SystemExit(f"error: {path.parent} holds runs from {other} ({diff}); pass another --runs-dir.")
 
 
 def write_stages(path: Path, stages: dict[str, Any]) -> None:

@@ -207,18 +207,8 @@ def check_start(args: Args) -> None:
     """--runs-dir holds runs of one start: start.json names its checkpoint file and content (sha256), so a
     checkpoint re-trained at the same path (e.g. evidence.py with other --games) cannot reuse them."""
     digest = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
-    path, start = Path(args.runs_dir) / "start.json", {"checkpoint": args.checkpoint, "sha256": digest}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != start:
-            raise SystemExit(
-                f"error: {args.runs_dir} holds runs from --checkpoint {saved['checkpoint']} (sha256 "
-                f"{saved['sha256'][:12]}), not {args.checkpoint} (sha256 {digest[:12]}); pass another "
-                "--runs-dir."
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(start, indent=1))
+    start = {"checkpoint": args.checkpoint, "sha256": digest}
+    evidence.remember_or_refuse(Path(args.runs_dir) / "start.json", start, "--checkpoint")
 
 
 def same_start(args: Args, cached: dict[str, Any], where: Path) -> dict[str, Any]:
