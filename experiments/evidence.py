@@ -19,9 +19,12 @@ are systematic (experiments/behavior.py), then runs the comparison end to end:
 
 Every stage is cached: the data on disk, each training run in its run folder (cql_multigame's --resume
 continues it), each evaluation in the run's stages.json. Re-running the same command skips what is done, so
-a stopped run (a session limit, Ctrl-C) continues where it was.
+a stopped run (a session limit, Ctrl-C) continues where it was. A long run can also be cut into stages on
+purpose: --until STEP trains every run only through that evaluation step and reports there; the next
+invocation resumes every run from its checkpoint (the stages of a chain are the same either way).
 
     python experiments/evidence.py                # the README's Results (see there for time and machine)
+    python experiments/evidence.py --until 20000  # one stage: every run through step 20,000, then report
     python experiments/evidence.py --quick        # seconds: the whole path on a few hundred transitions
 """
 
@@ -124,6 +127,9 @@ class Args:
     thread pool spin and run many times slower)"""
     plots: bool = True
     """write PNG plots (needs matplotlib: pip install matplotlib)"""
+    until: int = 0
+    """stop every run at this --eval-at step and report there (0: at --total-steps): one stage of a long
+    run; the next invocation with a later --until (or none) resumes every run from its checkpoint"""
     report_only: bool = False
     """train nothing: tabulate and plot the evaluations the runs have finished so far (n/a for the rest)"""
     quick: bool = False
@@ -671,6 +677,11 @@ def main(args: Args) -> dict[str, Any]:
             f"error: --eval-at {list(args.eval_at)} must be increasing and end at --total-steps "
             f"{args.total_steps}."
         )
+    if args.until:
+        if args.until not in args.eval_at:
+            raise SystemExit(f"error: --until {args.until} must be one of --eval-at {list(args.eval_at)}.")
+        stage = tuple(at for at in args.eval_at if at <= args.until)
+        args = dataclasses.replace(args, total_steps=args.until, eval_at=stage)
     start = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,11 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
     again = evidence.main(evidence.Args(quick=True, plots=False, **dirs))  # all cached: nothing re-runs
     assert cql_stages.read_text() == before
     assert again["table"] == result["table"]
+    stage = evidence.main(evidence.Args(quick=True, plots=False, until=10, **dirs))  # earlier stage: cached
+    assert cql_stages.read_text() == before and tuple(stage["args"]["eval_at"]) == (10,)
+    assert stage["table"]["Freeway"]["cql"] == result["curves"]["Freeway"]["cql"]["10"]
+    with pytest.raises(SystemExit, match="--until 15 must be one of --eval-at"):
+        evidence.main(evidence.Args(quick=True, plots=False, until=15, **dirs))
     other = evidence.Args(quick=True, plots=False, games=("Freeway", "Breakout"), **dirs)  # cached data
     with pytest.raises(SystemExit, match="another configuration .*games"):  # its finished stages are not ours
         evidence.main(other)
