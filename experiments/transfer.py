@@ -49,8 +49,9 @@ class Args:
     """Offline (held-out game, little data) and online (variant) fine-tuning vs from scratch."""
 
     checkpoint: str = "runs/evidence/cql_alpha0.001_seed1/checkpoint.pt"
-    """the pre-trained network: evidence.py's CQL run (seed 1, 20,000 steps on its games; --runs-dir
-    remembers the file's sha256, so a re-trained network needs another --runs-dir)"""
+    """the pre-trained network: evidence.py's CQL run (seed 1, at the step evidence.py last reached: the
+    README's transfer results start from step 20,000, i.e. after `evidence.py --until 20000`; --runs-dir
+    remembers the file's sha256, so another network needs another --runs-dir)"""
     out_dir: str = "experiments/results/transfer"
     """where results.json and the PNG plots go"""
     data_dir: str = "data/transfer"
