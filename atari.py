@@ -18,7 +18,9 @@ Generalizes" (ICLR 2023), Section 5 (setup) and Appendix B. What this file imple
 - `evaluate`: epsilon-greedy (0.001) over each game's legal actions, several episodes at once with one
   batched Q-function call per step.
 
-Left out: rendering/videos, the 100-episode evaluation schedule of the training script (cql_multigame.py
+Also: a clip of an evaluation episode (`evaluate(video=...)`, re-played from its seed and actions).
+
+Left out: the 100-episode evaluation schedule of the training script (cql_multigame.py
 decides how many episodes), and anything about networks or replay data.
 """
 
@@ -33,6 +35,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import ale_py
@@ -573,6 +576,8 @@ def evaluate(
     sticky_actions: float = 0.25,
     max_episode_steps: int = MAX_EPISODE_STEPS,
     num_workers: int = 0,
+    video: str | Path | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> np.ndarray:
     """Play `num_episodes` episodes epsilon-greedily over the game's legal actions; return their returns.
 
@@ -586,6 +591,11 @@ def evaluate(
     num_workers=0 steps the envs in this process (ALE holds the GIL, so threads would not help); k > 0
     spreads them over k subprocesses, for free cores (up to one per env): same episodes, same returns.
     Returns float64 [num_episodes] unclipped returns, ordered by slot, then by episode within the slot.
+
+    video: a path without extension; the first episode (slot 0's) is also written as an MP4 clip at
+    f"{video}_return{R:g}.mp4" (see write_episode_video). progress(episodes_done, num_episodes, agent_steps)
+    is called after every PROGRESS_EVERY batched steps and once at the end, so a caller can show that the
+    evaluation is still working.
     """
     game = check_game(game)
     _check_variant(game, mode, difficulty)
@@ -609,6 +619,8 @@ def evaluate(
     returns: list[list[float]] = [[] for _ in range(n)]
     running = np.zeros(n)
     active = np.ones(n, bool)
+    first_actions: list[int] = []  # slot 0's actions in its first episode, for the video
+    steps = batched = 0  # agent steps over all slots, batched env steps
     try:
         while active.any():
             q = _to_numpy(q_fn(slots.obs))
@@ -619,12 +631,82 @@ def evaluate(
                 )
             actions = legal[epsilon_greedy(q[:, legal], epsilon, rng)]  # [n] full-set ids
             reset_after = np.array([len(r) for r in returns]) + 1 < quota  # this slot has episodes left
+            if video is not None and not returns[0]:
+                first_actions.append(int(actions[0]))
+            steps += int(active.sum())  # agent steps taken by this batched step
             reward, done = slots.step(actions, active, reset_after)
             running += reward
             for i in np.flatnonzero(done):
                 returns[i].append(float(running[i]))
                 running[i] = 0.0
                 active[i] = reset_after[i]
+            batched += 1
+            if progress is not None and batched % PROGRESS_EVERY == 0:
+                progress(sum(map(len, returns)), num_episodes, steps)
     finally:
         slots.close()
+    if progress is not None:
+        progress(sum(map(len, returns)), num_episodes, steps)
+    if video is not None:
+        write_episode_video(video, env_kwargs, seeds[0], first_actions, returns[0][0])
     return np.asarray([r for slot in returns for r in slot], dtype=np.float64)
+
+
+PROGRESS_EVERY = 500  # batched env steps between two progress calls of `evaluate` (ours)
+VIDEO_FPS = 60 / FRAME_SKIP  # the agent's decision rate in real time: 15 decisions per emulated second
+
+
+def replay_episode_frames(
+    env_kwargs: dict[str, Any], seed: int, actions: Sequence[int]
+) -> tuple[list[np.ndarray], float]:
+    """Re-play an episode from its env seed and actions; the RGB screen [210, 160, 3] after the reset and
+    after every agent step (the decision rate), and the episode's return.
+
+    ALE is deterministic given the seed of its first reset (sticky actions included), so the same
+    (seed, actions) give the same episode as in evaluate; this keeps the video out of the env slots (which
+    may live in worker processes) and costs nothing when no video is asked for."""
+    env = make_env(**env_kwargs, seed=int(seed))
+    ale = env.unwrapped.ale
+    env.reset()
+    frames, total = [ale.getScreenRGB()], 0.0
+    for a in actions:
+        _, reward, _, _, _ = env.step(int(a))
+        frames.append(ale.getScreenRGB())
+        total += float(reward)
+    env.close()
+    return frames, total
+
+
+def write_episode_video(
+    video: str | Path, env_kwargs: dict[str, Any], seed: int, actions: Sequence[int], episode_return: float
+) -> Path:
+    """Write one episode as `{video}_return{R:g}.mp4` (OpenCV's mp4v codec, VIDEO_FPS frames per second,
+    one frame per agent decision, plus the first frame after the reset). Returns the path."""
+    frames, total = replay_episode_frames(env_kwargs, seed, actions)
+    if total != episode_return:  # a broken determinism assumption must not label a clip with a wrong score
+        raise RuntimeError(f"video: the re-played episode scored {total:g}, evaluate {episode_return:g}.")
+    path = Path(f"{video}_return{episode_return:g}.mp4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write the video {path}.")
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def write_gif(
+    frames: Sequence[np.ndarray], path: str | Path, fps: float = VIDEO_FPS, scale: float = 1.0
+) -> Path:
+    """Frames RGB [H, W, 3] -> an animated GIF (needs Pillow, an optional dependency: the docs' clips)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    if scale != 1.0:
+        size = (round(images[0].width * scale), round(images[0].height * scale))
+        images = [im.resize(size, Image.NEAREST) for im in images]
+    path = Path(path)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return path
