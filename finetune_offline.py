@@ -235,7 +235,8 @@ def fine_tune(
     def report(result: dict[str, Any], step: int) -> str:  # what a periodic evaluation prints
         return final_line(game, result["games"][game], step, run_kind(args))
 
-    run = cql_multigame.Run(args, run_dir, [game], report=report).open(desc=run_kind(args))
+    run = cql_multigame.Run(args, run_dir, [game], report=report, play=cql_multigame.evaluate_games)
+    run.open(desc=run_kind(args))
     stream = cql_multigame.BatchStream(data, args.batch_size, device, args.prefetch)
     step = cql_multigame.train(args, learner, stream, run, stop)
     result = run.final_evaluation(learner, step, stop)

@@ -1,352 +1,85 @@
-"""DQN-Replay data for Scaled QL: the file format, Dopamine's sampling rules, a streaming multi-game
-sampler, and a recorder that writes new data in the same format.
+"""DQN-Replay data as a learner sees it: the format's rules, Dopamine's sampling rules, an equal share of
+every game per batch, and the multi-game sampler.
 
 Paper: Kumar et al., "Offline Q-Learning on Diverse Multi-Task Data Both Scales and Generalizes" (ICLR 2023),
 Section 5 / Appendix B: one Q-network is trained on the DQN-Replay data of 40 games at once, with an equal
 share of every game in each batch; "sub-optimal" data = the first 20% of each run's checkpoints,
 "near-optimal" = all of them; fine-tuning on held-out games uses a small fraction of the data.
 
-What is here
-- The DQN-Replay format (Agarwal et al. 2020) exactly as Dopamine's `OutOfGraphReplayBuffer.save` writes
-  it: `<data_dir>/<Game>/<run>/replay_logs/{$store$_observation,$store$_action,$store$_reward,
-  $store$_terminal,add_count,invalid_range}_ckpt.<N>.gz`, each one `np.save(..., allow_pickle=False)`
-  through a gzip stream (add_count a 0-d int64 array): `write_checkpoint`, `read_checkpoint`,
-  `list_checkpoints`. Rows Dopamine never wrote (np.empty storage) are never checked or read. The optional
-  7th file `episode_end_indices_ckpt.<N>.gz` is honoured when it is an np.save'd array (`read_episode_ends`);
-  nothing is ever unpickled.
+What is here, in this order
 - Dopamine's sampling rules (`is_valid_transition`, `sample_index_batch`, `sample_transition_batch`),
-  vectorized: `valid_mask` and `FrameBuffer` (a single-frame circular buffer; the recorder and online
-  fine-tuning use it).
+  vectorized: `is_valid`, `valid_mask`, `n_step_targets`, `gather_transitions`, and `FrameBuffer` (a
+  single-frame circular buffer; the recorder and online fine-tuning use it).
+- Choosing the data set (`select_suffixes`: sub-optimal, near-optimal) and the equal per-game share of a
+  batch (`rank_batch_games`).
 - `MultiGameReplay`: many games x runs x checkpoints under a memory budget, sampled with an equal share per
-  game; sets of windows from several checkpoints rotate through memory, loaded ahead by a background
-  thread; `MultiGameReplay.dry_run(...).plan_report(...)` plans DQN-Replay sizes without any data.
-- The recorder, `python replay.py --help`: plays ALE (atari.make_env) with a random or epsilon-greedy
-  Q-network policy and writes DQN-Replay checkpoints.
+  game: its construction, which checkpoints each process reads, Dopamine's rules applied when a checkpoint
+  is loaded, `sample`, and its state (exact resume). `MultiGameReplay.dry_run(...).plan_report(...)` plans
+  DQN-Replay sizes without any data.
+
+Elsewhere: the files themselves (`write_checkpoint`, `read_checkpoint`, `list_checkpoints`, the gzip
+reader) live in machinery/dqn_files.py and the streaming of checkpoints through memory (slots, windows,
+background loads) in machinery/streaming.py; this module re-exports the names users call. Making new data
+in this format: record.py.
 
 Left out: Dopamine's prioritized replay and extra storage elements (DQN-Replay has none); the paper's TPU
 input pipeline. Windows of a checkpoint (when a whole one does not fit the budget) drop the at most
 3 + n_step transitions whose frame stack or n-step window wraps around the physical end of the file.
-
-Dopamine's invariants (what a transition is, which indices are valid, what the n-step target is) are
-stated once, beside the functions that enforce them: the section "Dopamine's rules" below.
-
-The file reads in this order: the file format; Dopamine's rules; FrameBuffer; choosing the data set and
-the sampler (MultiGameReplay: its public face first, then its streaming methods); the streaming helpers
-(windows, the background loader, the gzip reader, malloc tuning); the recorder.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import json
 import math
-import os
-import re
 import sys
 import threading
-import time
 import warnings
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------------------------
-# The DQN-Replay file format (the files named in the module docstring). Every file is read through _GzipNpy,
-# which sits with the streaming machinery below.
-
-
-STACK = 4  # frames per state (Dopamine's stack_size; DQN-Replay was recorded with it)
-FRAME_SHAPE = (84, 84)
-FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1]  # 7,056
-STORE_PREFIX = "$store$_"
-# the four arrays with one row per transition: name -> dtype
-_STORE_DTYPES = {
-    "observation": np.dtype(np.uint8),
-    "action": np.dtype(np.int32),
-    "reward": np.dtype(np.float32),
-    "terminal": np.dtype(np.uint8),
-}
-# the six files every checkpoint has (list_checkpoints, scan_checkpoint)
-_FILE_NAMES = [STORE_PREFIX + k for k in _STORE_DTYPES] + ["add_count", "invalid_range"]
-# The optional 7th file of newer Dopamine: the indices where an episode ended, also without a terminal
-# (time-outs). Dopamine's save() pickles it (a Python set); this reader never unpickles (see
-# read_episode_ends). DQN-Replay lacks it.
-EPISODE_ENDS = "episode_end_indices"
-# DQN-Replay's numbering: 51 checkpoints 0..50 per run, 1M transitions each (the last one partial).
-DQN_REPLAY_SUFFIXES = tuple(range(51))
-DQN_REPLAY_CAPACITY = 1_000_000
-# "sub-optimal" = the first 20% of a run's checkpoints counted on DQN-Replay's numbering: suffixes 0..9
-# (10 of 51, as in Kumar et al. 2023 and Agarwal et al. 2020), whatever part of the run is downloaded.
-SUBOPTIMAL_SUFFIXES = tuple(range(10))
-_FILE_RE = re.compile(r"^(.+)_ckpt\.(\d+)\.gz$")
-DOWNLOAD_HINT = (
-    "download DQN-Replay with `gsutil -m cp -R gs://atari-replay-datasets/dqn/<Game> {d}` "
-    "or record data with `python replay.py --out-dir {d} --games <Game>`"
+from machinery.dqn_files import (  # noqa: F401  (the format's names, re-exported: users call them from replay)
+    DOWNLOAD_HINT,
+    DQN_REPLAY_CAPACITY,
+    DQN_REPLAY_SUFFIXES,
+    EPISODE_ENDS,
+    FRAME_BYTES,
+    FRAME_SHAPE,
+    STACK,
+    STORE_PREFIX,
+    SUBOPTIMAL_SUFFIXES,
+    CheckpointInfo,
+    ReplayDataError,
+    ReplayWriteError,
+    _check_header,
+    _file_path,
+    _GzipNpy,
+    _scan_suffixes,
+    _warn_once,
+    dopamine_invalid_range,
+    list_checkpoints,
+    read_checkpoint,
+    read_episode_ends,
+    read_episode_returns,
+    scan_checkpoint,
+    temp_path,
+    write_checkpoint,
+    write_episode_returns,
+)
+from machinery.streaming import (  # noqa: F401
+    _ROW_BYTES,
+    RELOAD_EVERY,
+    WINDOWS_PER_SLOT,
+    CheckpointRange,
+    StreamingSampler,
+    _BackgroundLoad,
+    _frame_range,
+    _split_range,
+    tune_malloc,
 )
 
-
-class ReplayDataError(ValueError):
-    """A problem with replay data or replay flags that the user can fix; the message says how."""
-
-
-class ReplayWriteError(ReplayDataError):
-    """A write of replay files that failed (full disk, read-only folder, permission): one sentence with the
-    path and the space needed; the partial temporary files are removed and earlier files are unchanged."""
-
-
-def _file_path(directory: str | Path, name: str, suffix: int) -> Path:
-    return Path(directory) / f"{name}_ckpt.{suffix}.gz"
-
-
-def _temp_path(path: Path) -> Path:
-    """A temporary name beside `path` unique to this writer (host and process), as cql_multigame.temp_path."""
-    import socket
-
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _write_error(path: Path, error: OSError, need_bytes: int) -> ReplayWriteError:
-    import shutil
-
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free"
-    except OSError:
-        free = "no free space we could read"
-    return ReplayWriteError(
-        f"could not write {path} ({error.strerror or type(error).__name__}): it needs up to "
-        f"{need_bytes / 2**20:,.1f} MB and {path.parent} has {free}; earlier files there are unchanged and "
-        "the partial ones were removed; free space or pass another --out-dir."
-    )
-
-
-def write_checkpoint(
-    directory: str | Path,
-    suffix: int,
-    observation: np.ndarray,
-    action: np.ndarray,
-    reward: np.ndarray,
-    terminal: np.ndarray,
-    add_count: int | None = None,
-    invalid_range: np.ndarray | None = None,
-    *,
-    compresslevel: int = 6,
-) -> None:
-    """Write one DQN-Replay checkpoint (the six files) into `directory` (created if needed).
-
-    observation uint8 [C, 84, 84], action int32 [C] (minimal-set index), reward float32 [C] (clipped),
-    terminal uint8 [C]. add_count defaults to C (a buffer filled exactly once) and is written as a 0-d int64
-    array, as Dopamine's save() writes it; invalid_range defaults to Dopamine's for update_horizon 1 (the DQN
-    agent that recorded DQN-Replay). The optional 7th file (episode_end_indices) is never written: DQN-Replay
-    lacks it and Dopamine's load() accepts its absence.
-    compresslevel: ours, 6 (Dopamine's GzipFile uses 9: much slower for slightly smaller files, see the
-    README's Performance section); readers do not care.
-    """
-    import gzip
-
-    arrays = {"observation": observation, "action": action, "reward": reward, "terminal": terminal}
-    capacity = len(observation)
-    for name, arr in arrays.items():
-        dtype = _STORE_DTYPES[name]
-        if arr.dtype != dtype or len(arr) != capacity or (name != "observation" and arr.ndim != 1):
-            raise ReplayDataError(
-                f"write_checkpoint: {name} is {arr.dtype} {arr.shape}, expected {dtype} with {capacity} rows."
-            )
-    add_count = capacity if add_count is None else int(add_count)
-    if invalid_range is None:
-        invalid_range = dopamine_invalid_range(add_count % capacity, capacity, 1)
-    arrays |= {"add_count": np.array(add_count, np.int64), "invalid_range": np.asarray(invalid_range)}
-    # All six files go to temporary names unique to this writer first, then replace the real names: a
-    # killed writer never leaves a half file under a real name, and a failed write (full disk) leaves the
-    # previous checkpoint's files as they were.
-    paths = {n: _file_path(directory, STORE_PREFIX + n if n in _STORE_DTYPES else n, suffix) for n in arrays}
-    tmps = {n: _temp_path(p) for n, p in paths.items()}
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        for name, arr in arrays.items():
-            with (
-                open(tmps[name], "wb") as fh,
-                gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz,
-            ):
-                # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
-                # (np.ascontiguousarray would make it shape (1,), and their sampling then crashes)
-                np.save(gz, arr if arr.ndim == 0 else np.ascontiguousarray(arr), allow_pickle=False)
-        for name in arrays:
-            os.replace(tmps[name], paths[name])
-    except BaseException as e:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _write_error(paths["observation"], e, sum(a.nbytes for a in arrays.values())) from None
-        raise
-
-
-def _scan_suffixes(directory: Path) -> dict[int, set[str]]:
-    """suffix -> names of the checkpoint files present."""
-    found: dict[int, set[str]] = {}
-    if directory.is_dir():
-        for entry in os.scandir(directory):
-            m = _FILE_RE.match(entry.name)
-            if m and m.group(1) in _FILE_NAMES:
-                found.setdefault(int(m.group(2)), set()).add(m.group(1))
-    return found
-
-
-def list_checkpoints(directory: str | Path) -> list[int]:
-    """Sorted suffixes N for which all six files of checkpoint N are present in `directory`."""
-    return sorted(s for s, names in _scan_suffixes(Path(directory)).items() if len(names) == len(_FILE_NAMES))
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """What a start-up scan learns about one checkpoint (headers and the two small arrays only)."""
-
-    directory: str
-    suffix: int
-    capacity: int  # C, rows of every store array
-    add_count: int  # transitions ever added (cursor = add_count % C)
-    horizon: int = 1  # update horizon the writer's invalid_range was made for (DQN-Replay: 1)
-    episode_ends: tuple[int, ...] | None = None  # the 7th file's indices, when present and readable
-
-    @property
-    def num_stored(self) -> int:
-        return min(self.add_count, self.capacity)
-
-    def rules(self, n_step: int) -> dict[str, Any]:
-        """Keyword arguments of is_valid/valid_mask for a reader with update horizon n_step: the wider of the
-        reader's and the file's invalid range (Dopamine's load() uses the file's), and the episode ends."""
-        ends = None if self.episode_ends is None else np.asarray(self.episode_ends, np.int64)
-        return {"invalid_horizon": max(n_step, self.horizon), "episode_ends": ends}
-
-
-_WARNED_MESSAGES: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED_MESSAGES:
-        _WARNED_MESSAGES.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def read_episode_ends(directory: str | Path, suffix: int, capacity: int) -> np.ndarray | None:
-    """The optional 7th file, `episode_end_indices_ckpt.N.gz`: int64 [E] indices where an episode ended
-    (with or without a terminal), or None when the file is absent or cannot be read without pickle.
-
-    Dopamine's save() writes this Python set with pickle.dump. Unpickling runs arbitrary code, so this reader
-    never does it: a pickled file is skipped with a warning that says so (its time-outs are then not
-    honoured, as for DQN-Replay, which lacks the file). An np.save'd integer array (allow_pickle=False) is
-    read and honoured as Dopamine's is_valid_transition does: convert a file you trust with
-    `np.save(gz, np.fromiter(pickle.load(f), np.int64), allow_pickle=False)` through a gzip stream.
-    """
-    path = _file_path(directory, EPISODE_ENDS, suffix)
-    if not path.is_file():
-        return None
-    import gzip
-
-    try:
-        with gzip.open(path, "rb") as f:
-            head = f.read(6)
-    except (OSError, EOFError) as e:
-        raise ReplayDataError(f"{path} is not a gzip file ({e}); re-download or delete it.") from None
-    if head != b"\x93NUMPY":
-        _warn_once(
-            f"{path} is a pickle (Dopamine's save() pickles this set) and this reader never unpickles, so "
-            f"checkpoint {suffix}'s episode ends without a terminal (time-outs) are not honoured; convert it "
-            "to an np.save'd int64 array to honour them (see replay.read_episode_ends)."
-        )
-        return None
-    ends = _read_small_array(path)
-    out_of_range = ends.size > 0 and (ends.min() < 0 or ends.max() >= capacity)
-    if ends.ndim > 1 or ends.dtype.kind not in "iu" or out_of_range:
-        raise ReplayDataError(
-            f"{path} holds {ends.dtype} {ends.shape}, expected integer indices in [0, {capacity}); "
-            "re-download it or delete it."
-        )
-    return np.unique(ends.reshape(-1).astype(np.int64))
-
-
-def _check_header(f: _GzipNpy, name: str, capacity: int | None) -> int:
-    """The rows of store file `f` after checking its dtype and shape (capacity None: any row count)."""
-    dtype = _STORE_DTYPES[name]
-    rows = "C" if capacity is None else str(capacity)
-    want = f"({rows}, 84, 84)" if name == "observation" else f"({rows},)"
-    ok_shape = len(f.shape) == (3 if name == "observation" else 1) and (
-        name != "observation" or f.shape[1:] == FRAME_SHAPE
-    )
-    if f.dtype != dtype or not ok_shape or (capacity is not None and f.shape[0] != capacity):
-        raise ReplayDataError(
-            f"{f.path} holds a {f.dtype} array of shape {f.shape}, expected {dtype} of shape {want}; "
-            "re-download or re-record this checkpoint."
-        )
-    return f.shape[0]
-
-
-def scan_checkpoint(directory: str | Path, suffix: int) -> CheckpointInfo:
-    """Check that checkpoint `suffix` in `directory` is complete and consistent, reading only the .npy
-    headers of the four big files and the two small arrays; raises ReplayDataError naming the file."""
-    directory = Path(directory)
-    for name in _FILE_NAMES:
-        if not _file_path(directory, name, suffix).is_file():
-            raise ReplayDataError(
-                f"checkpoint {suffix} in {directory} lacks {_file_path(directory, name, suffix).name}: "
-                f"re-download or re-record it, or leave suffix {suffix} out of the selection."
-            )
-    capacity = None
-    for name in _STORE_DTYPES:
-        with _GzipNpy(_file_path(directory, STORE_PREFIX + name, suffix)) as f:
-            capacity = _check_header(f, name, capacity)
-    add_path = _file_path(directory, "add_count", suffix)
-    add = _read_small_array(add_path)
-    if add.size != 1 or add.dtype.kind not in "iu" or int(add.reshape(-1)[0]) < 0:
-        raise ReplayDataError(
-            f"{add_path} holds {add.dtype} {add.shape}, expected one non-negative integer; re-download it."
-        )
-    add_count = int(add.reshape(-1)[0])
-    if add_count == 0:
-        raise ReplayDataError(
-            f"checkpoint {suffix} in {directory} holds no transitions (add_count 0); "
-            "leave it out of the selection."
-        )
-    inv_path = _file_path(directory, "invalid_range", suffix)
-    inv = _read_small_array(inv_path)
-    horizon = inv.size - STACK
-    if (
-        inv.ndim != 1
-        or inv.dtype.kind not in "iuf"
-        or horizon < 0
-        or not np.array_equal(inv, dopamine_invalid_range(add_count % capacity, capacity, horizon))
-    ):
-        raise ReplayDataError(
-            f"{inv_path} does not match add_count {add_count} (cursor {add_count % capacity}): the files "
-            "come from different snapshots; re-download or re-record this checkpoint."
-        )
-    ends = read_episode_ends(directory, suffix, capacity)
-    ends_t = None if ends is None else tuple(int(x) for x in ends)
-    return CheckpointInfo(str(directory), suffix, capacity, add_count, horizon, ends_t)
-
-
-def read_checkpoint(
-    directory: str | Path, suffix: int, store: Sequence[str] = tuple(_STORE_DTYPES)
-) -> dict[str, np.ndarray]:
-    """Read a checkpoint (validated) -> observation uint8 [C,84,84], action int32 [C] (minimal-set index),
-    reward float32 [C], terminal uint8 [C], add_count int64 [], invalid_range int64 [K+n], and
-    episode_end_indices int64 [E] when the optional 7th file is present and readable without pickle.
-    `store`: which of the four per-transition arrays to read (e.g. ("action", "terminal") skips the frames,
-    ~99% of the bytes); the small arrays are always read."""
-    info = scan_checkpoint(directory, suffix)
-    out: dict[str, np.ndarray] = {}
-    for name in store:
-        with _GzipNpy(_file_path(directory, STORE_PREFIX + name, suffix)) as f:
-            out[name] = f.read_all()
-    out["add_count"] = np.array(info.add_count, np.int64)
-    out["invalid_range"] = _read_small_array(_file_path(directory, "invalid_range", suffix)).astype(np.int64)
-    if info.episode_ends is not None:
-        out[EPISODE_ENDS] = np.asarray(info.episode_ends, np.int64)
-    return out
-
+_temp_path = temp_path  # its earlier name
 
 # ----------------------------------------------------------------------------------------------------------
 # Dopamine's rules, vectorized
@@ -380,11 +113,6 @@ class Batch(NamedTuple):
     discount: np.ndarray  # float32 [B], gamma**n, or 0 where the episode ended within n steps
     next_obs: np.ndarray  # uint8 [B, 4, 84, 84]
     game: np.ndarray  # int64 [B], index into the sampler's `games`
-
-
-def dopamine_invalid_range(cursor: int, capacity: int, update_horizon: int, stack: int = STACK) -> np.ndarray:
-    """Dopamine's `invalid_range`: the stack + update_horizon indices c-n, ..., c+stack-1 (mod capacity)."""
-    return (cursor - update_horizon + np.arange(stack + update_horizon, dtype=np.int64)) % capacity
 
 
 def is_valid(
@@ -702,15 +430,11 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-# Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) + the n-step
-# target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
-# slot of the valid-index table (int64 past 2**31 rows).
-_ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
-RELOAD_EVERY = 50_000  # ours: sample() calls between two sets of the same game (the cap of reload_every=0)
-WINDOWS_PER_SLOT = 5  # ours: windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
+# The sampler state's earlier key names (checkpoints written before they took the attributes' names) -> now.
+OLD_STATE_KEYS = {"calls": "sample_calls", "phase": "period", "next_event": "next_swap"}
 
 
-class MultiGameReplay:
+class MultiGameReplay(StreamingSampler):
     """Samples DQN-Replay transitions of several games, an equal share of each game per batch.
 
     Data: `<data_dir>/<Game>/<run>/replay_logs/`, the checkpoints chosen by `checkpoints` (see
@@ -748,7 +472,7 @@ class MultiGameReplay:
         data_dir: str | Path,
         games: Sequence[str],
         *,
-        runs: Sequence[int] = (1, 2, 3, 4, 5),
+        runs: Sequence[int] = (1,),  # run 1: "suboptimal" is then the paper's amount (as cql_multigame.Args)
         checkpoints: str | Sequence[int] = "suboptimal",
         fraction: float = 1.0,
         n_step: int = 3,
@@ -760,7 +484,6 @@ class MultiGameReplay:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        verbose: bool = False,
     ):
         self._configure(
             data_dir, games, runs, checkpoints, fraction, n_step, gamma, memory_budget_gb, reload_every,
@@ -779,8 +502,6 @@ class MultiGameReplay:
             self._loaded[g] = self._set_in_period(g, 0)
         self._next_swap = 1  # the next swap's number k (it happens at sample call k * _swap_interval)
         self._start_next_load()
-        if verbose:
-            print(self.plan_summary())
 
     @classmethod
     def dry_run(
@@ -895,15 +616,14 @@ class MultiGameReplay:
         batches after a restart equal those of an uninterrupted run."""
         with self._lock:
             excluded = sorted(list(k) for k in self._excluded)
-        # the keys keep their first names ("calls", "phase", "next_event"): saved runs hold them
         return {
             "games": list(self.games),
             "rank": self.rank,
             "world_size": self.world_size,
-            "calls": self._sample_calls,
+            "sample_calls": self._sample_calls,
             "rng": self._rng.bit_generator.state,
-            "phase": list(self._period),
-            "next_event": self._next_swap,
+            "period": list(self._period),
+            "next_swap": self._next_swap,
             "reload_every": self.reload_every,  # resolved (auto depends on total_samples)
             "loaded": [[p.to_list() for p in ps] for ps in self._loaded],
             "excluded": excluded,
@@ -931,8 +651,11 @@ class MultiGameReplay:
                 self._load_into_slot(self._game_slot[g], ranges)
                 self._loaded[g] = ranges
         self._layout_cache.clear()
-        self._sample_calls, self._period = int(state["calls"]), [int(x) for x in state["phase"]]
-        self._next_swap = int(state["next_event"])
+        state = {
+            OLD_STATE_KEYS.get(k, k): v for k, v in state.items()
+        }  # also a state saved before the rename
+        self._sample_calls, self._period = int(state["sample_calls"]), [int(x) for x in state["period"]]
+        self._next_swap = int(state["next_swap"])
         if "reload_every" in state and self._rotating:  # keep the swap schedule the run started with
             self.reload_every = int(state["reload_every"])  # (an auto period changes with --total-steps)
             self._swap_interval = max(1, self.reload_every // len(self._rotating))
@@ -999,103 +722,6 @@ class MultiGameReplay:
             lines.append(f"  taken back on resume (their files read fine again): {back}")
         return lines
 
-    def plan_report(self, batch_size: int, total_samples: int) -> str:
-        """What the streaming does over a run of total_samples sample() calls of batch_size (this rank's):
-        slots, windows per slot, reload period, the fraction of the selected data that is ever loaded,
-        distinct checkpoints per batch (expected, uniform draws within each game's slot) and the gzip work
-        per swap. Works on a dry_run() sampler: python cql_multigame.py paper-suboptimal --plan-only."""
-        G = len(self.games)
-        per_game = batch_size / G  # samples of each game per batch (on average)
-        rows = lambda ps: sum(p.hi - p.lo for p in ps)  # noqa: E731
-        total_rows = [rows(ps) for ps in self._ranges]
-        ckpts = [len({p.key() for p in ps}) for ps in self._ranges]
-        swaps = self._swaps_per_game(total_samples)
-        seen_frac, distinct, inflated = [], [], []  # per game; inflated: bytes per swap, per set
-        for g in range(G):
-            seen: set[CheckpointRange] = set()
-            distinct_sum = 0.0
-            for period in range(swaps[g] + 1):
-                ranges = self._set_in_period(g, period)
-                seen.update(ranges)
-                weight: dict[tuple[int, int, int], int] = {}
-                for p in ranges:
-                    weight[p.key()] = weight.get(p.key(), 0) + p.hi - p.lo
-                n = sum(weight.values())
-                distinct_sum += sum(1 - (1 - w / n) ** per_game for w in weight.values())
-            seen_frac.append(rows(seen) / total_rows[g])
-            distinct.append(distinct_sum / (swaps[g] + 1))
-            for ranges in self._sets[g] if g in self._rotating else []:
-                # gzip inflates each observation file up to the window's end, and the whole small files
-                work = 0
-                for p in ranges:
-                    info = self._infos[p.key()]
-                    end = min(_frame_range(info, p.lo, p.hi, self.n_step)[1], info.capacity)
-                    work += end * FRAME_BYTES + 9 * info.capacity
-                inflated.append(work)
-        slot_gib = self._slot_frames * _ROW_BYTES / 2**30
-        windows = sorted(set(self._windows_in_slot))
-
-        def span(xs: list[int]) -> str:
-            return f"{min(xs):,}" if min(xs) == max(xs) else f"{min(xs):,}-{max(xs):,}"
-
-        lines = [
-            f"plan: {G} games x runs {list(self.runs)} x checkpoints {self.checkpoints!r}, fraction "
-            f"{self.fraction}, n_step {self.n_step}; rank {self.rank} of {self.world_size}, "
-            f"{self.budget_bytes / 2**30:g} GiB, {total_samples:,} steps of {batch_size} samples",
-            f"  data: {span(ckpts)} checkpoints, {span(total_rows)} transitions per game "
-            f"({sum(total_rows):,} in all)",
-        ]
-        if not self._rotating:
-            lines.append(f"  slots: {G}, all data resident (static), no reloads")
-        else:
-            sets = [len(self._sets[g]) for g in self._rotating]
-            swap_s = np.mean(inflated) / INFLATE_BYTES_PER_S
-            lines += [
-                f"  slots: {G + 1} of {self._slot_frames:,} frames ({slot_gib:.2f} GiB): one per game, one "
-                "spare for the background loader",
-                f"  windows per slot: {'/'.join(map(str, windows))}, each from a different checkpoint, up to "
-                f"{self._slot_frames // max(windows):,} frames; {span(sets)} sets per game",
-                f"  reload period: each game swaps every {self._swap_interval * len(self._rotating):,} steps "
-                f"(one swap every {self._swap_interval:,} steps), {span([swaps[g] for g in self._rotating])} "
-                "swaps per game over the run",
-                f"  gzip work per swap: {np.mean(inflated) / 1e9:.1f} GB inflated (observation files up to "
-                f"each window's end + the small files), ~{swap_s:.0f} s at {INFLATE_BYTES_PER_S / 1e9:.2f} "
-                f"GB/s: the loader keeps up below ~{self._swap_interval / swap_s:.0f} steps/s",
-            ]
-        lines += [
-            f"  data seen over the run: {100 * np.mean(seen_frac):.1f}% of the selected transitions on "
-            f"average, {100 * min(seen_frac):.1f}% for the least-covered game",
-            f"  distinct checkpoints per batch: {sum(distinct):.0f} ({np.mean(distinct):.2f} per game's "
-            f"{per_game:.1f} samples, expected)",
-        ]
-        return "\n".join(lines)
-
-    def _swaps_per_game(self, total_samples: int) -> list[int]:
-        """Per game: how many swaps it makes in total_samples sample() calls (periods 0..that are used)."""
-        if not self._rotating:
-            return [0] * len(self.games)
-        R = len(self._rotating)
-        swaps = (total_samples - 1) // self._swap_interval  # swaps happen at calls k * _swap_interval
-        out = [0] * len(self.games)
-        for r, g in enumerate(self._rotating):  # the k-th swap goes to rotating game (k - 1) % R
-            out[g] = (swaps - (r + 1)) // R + 1 if swaps >= r + 1 else 0
-        return out
-
-    def _cancel_load(self) -> None:
-        if self._job is not None:
-            self._stop.set()
-            self._job.done.wait()
-            self._stop.clear()
-            self._job = None
-
-    def close(self) -> None:
-        """Stop the background loader."""
-        self._cancel_load()
-
-    def __del__(self) -> None:
-        if getattr(self, "_job", None) is not None:
-            self._stop.set()
-
     # --- streaming: planning slots, windows and sets --------------------------------------------------------
 
     def _plan_ranges(self, dqn_replay_sizes: bool = False) -> list[list[CheckpointRange]]:
@@ -1156,135 +782,6 @@ class MultiGameReplay:
                 )
             ranges.append(mine)
         return ranges
-
-    def _frame_count(self, p: CheckpointRange) -> int:
-        """Arena rows that range p takes: its frames plus the stack before and the n-step window after."""
-        frame_lo, frame_hi = _frame_range(self._infos[p.key()], p.lo, p.hi, self.n_step)
-        return frame_hi - frame_lo
-
-    def _plan_memory(self, allocate: bool = True) -> None:
-        """Slots, windows and sets: all data resident (static) if it fits the budget, else one slot per
-        game plus a spare one, each game's data cut into windows and grouped into sets of one slot."""
-        G = len(self.games)
-        frames_needed = [sum(self._frame_count(p) for p in ps) for ps in self._ranges]  # per game
-        self.static = sum(frames_needed) * _ROW_BYTES <= self.budget_bytes
-        self._windows_in_slot = [1] * G  # windows per slot of each game (from distinct checkpoints)
-        if self.static:
-            sizes, self._slot_frames = frames_needed, max(frames_needed)
-            self._sets = [[list(ps)] for ps in self._ranges]
-        else:
-            slot_frames = self.budget_bytes // ((G + 1) * _ROW_BYTES)
-            slot_rows = slot_frames - (STACK - 1) - self.n_step  # transitions a slot-long window can hold
-            if slot_rows < STACK + self.n_step:  # a window must be able to hold a valid transition
-                min_gb = (G + 1) * (2 * STACK + 2 * self.n_step) * _ROW_BYTES / 2**30
-                raise ReplayDataError(f"memory_budget_gb is too small for {G} games; use >= {min_gb:.6f}.")
-            self._slot_frames = slot_frames
-            for g, ps in enumerate(self._ranges):
-                # Mixing: a slot holds `num_windows` windows from as many different checkpoints (or runs),
-                # so that a batch draws from several of them, as batch_rl's FixedReplayBuffer mixes 5
-                # checkpoints. Fewer when the game has fewer checkpoints or a window would get too short.
-                checkpoints = len({p.key() for p in ps})
-                most = slot_frames // (2 * (STACK + self.n_step))
-                num_windows = max(1, min(self.windows_per_slot, checkpoints, most))
-                window_frames = slot_frames // num_windows
-                window_rows = window_frames - (STACK - 1) - self.n_step
-                windows = []
-                for p in ps:  # windows of the checkpoints that do not fit 1/num_windows of a slot
-                    if self._frame_count(p) <= window_frames:
-                        windows.append(p)
-                    else:
-                        parts = math.ceil((p.hi - p.lo) / window_rows)
-                        windows += [
-                            dataclasses.replace(p, lo=a, hi=b) for a, b in _split_range(p.lo, p.hi, parts)
-                        ]
-                self._ranges[g], self._windows_in_slot[g] = windows, num_windows
-            self._sets = [self._group_into_sets(g, set()) for g in range(G)]
-            sizes = [
-                min(frames_needed[g], slot_frames) if len(self._sets[g]) == 1 else slot_frames
-                for g in range(G)
-            ]
-        self._rotating = [g for g in range(G) if len(self._sets[g]) > 1]
-        if self._rotating:
-            sizes = sizes + [self._slot_frames]  # the spare slot
-            if self.reload_every == 0:  # auto: every set of every game at least once within the run
-                most = max(len(self._sets[g]) for g in self._rotating)
-                self.reload_every = max(1, min(RELOAD_EVERY, self.total_samples // (most + 1)))
-            self._swap_interval = max(1, self.reload_every // len(self._rotating))
-        elif self.reload_every == 0:
-            self.reload_every = RELOAD_EVERY  # nothing rotates
-        self._slot_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        total = int(self._slot_start[-1])
-        self._game_slot = list(range(G))
-        self._spare_slot = G if self._rotating else None
-        if not allocate:  # a dry run
-            return
-        self._frames_arena = np.empty((total, *FRAME_SHAPE), np.uint8)  # [F, 84, 84], touched when loaded
-        # A read-only view with one 4-frame stack per row: _stacks[j] = frames j..j+3 (the state of
-        # transition j + 3). Why: indexing it copies each stack as one 28 KB block instead of four frames
-        # (faster, see the README's Performance section). Fancy indexing only: np.take would copy it whole.
-        self._stacks = np.lib.stride_tricks.as_strided(
-            self._frames_arena,
-            shape=(total - (STACK - 1), STACK, *FRAME_SHAPE),
-            strides=(FRAME_BYTES, FRAME_BYTES, FRAME_SHAPE[1], 1),
-            writeable=False,
-        )  # [F - 3, 4, 84, 84]
-        # Per row, the n-step target of the transition starting there (n_step_targets at load time, so
-        # that sample() only gathers): return, discount and the offset of the next state's newest frame.
-        self._action = np.zeros(total, np.uint8)  # full-set ids
-        self._return = np.zeros(total, np.float32)
-        self._discount = np.zeros(total, np.float32)
-        self._next_offset = np.zeros(total, np.uint8)
-        # per slot, from its _slot_start: the arena rows of its valid transitions (_slot_num_valid of them)
-        self._valid_rows = np.zeros(total, np.int32 if total < 2**31 else np.int64)
-        self._slot_num_valid = np.zeros(len(sizes), np.int64)
-
-    def _group_into_sets(self, g: int, excluded: set[tuple[int, int, int]]) -> list[list[CheckpointRange]]:
-        """Group game g's ranges (minus excluded checkpoints) into sets that fit one slot, each range in
-        exactly one set (so a pass over the sets covers all of the game's selected data).
-
-        A set takes at most one range of each checkpoint, from the checkpoints with the most ranges left
-        first (seeded ties), until the slot is full: a slot then holds windows of several different
-        checkpoints, and the checkpoints run out together, so the last sets mix as well as the first.
-        """
-        key = (g, frozenset(excluded))
-        if key in self._sets_cache:
-            return self._sets_cache[key]
-        ps = [p for p in self._ranges[g] if p.key() not in excluded]
-        left: dict[tuple[int, int, int], list[CheckpointRange]] = {}  # per checkpoint: ranges not in a set
-        for i in np.random.default_rng([self.seed, g]).permutation(len(ps)):
-            left.setdefault(ps[i].key(), []).append(ps[i])  # seeded order of checkpoints and ranges
-        tie_rank = {k: r for r, k in enumerate(left)}
-        smallest = min((self._frame_count(p) for p in ps), default=0)
-        sets: list[list[CheckpointRange]] = []
-        while left:
-            chosen, size = [], 0
-            for k in sorted(left, key=lambda k: (-len(left[k]), tie_rank[k])):
-                frames = self._frame_count(left[k][-1])
-                if size + frames <= self._slot_frames:
-                    chosen.append(left[k].pop())
-                    size += frames
-                    if not left[k]:
-                        del left[k]
-                    if size + smallest > self._slot_frames:
-                        break
-            sets.append(chosen)
-        if len(self._sets_cache) < 4 * len(self.games):
-            self._sets_cache[key] = sets
-        return sets
-
-    def _set_in_period(self, g: int, period: int) -> list[CheckpointRange]:
-        """The set of ranges game g holds in its `period`-th period, the one after its period-th swap (each
-        pass over the sets in a new seeded order)."""
-        with self._lock:
-            sets = self._group_into_sets(g, self._excluded) if self._excluded else self._sets[g]
-        if not sets:
-            raise ReplayDataError(
-                f"every checkpoint of {self.games[g]} was excluded as corrupt; re-download its data."
-            )
-        if len(sets) == 1:
-            return sets[0]
-        perm = np.random.default_rng([self.seed, g, period // len(sets)]).permutation(len(sets))
-        return sets[perm[period % len(sets)]]
 
     # --- streaming: loading at start-up and in the background -----------------------------------------------
 
@@ -1362,80 +859,6 @@ class MultiGameReplay:
                 stacklevel=2,
             )
 
-    def _load_into_slot(self, slot: int, ranges: list[CheckpointRange]) -> None:
-        """Load a set into `slot` and index its valid transitions; a ReplayDataError names its bad_range."""
-        at, positions = int(self._slot_start[slot]), []
-        for p in ranges:
-            try:
-                used, pos = self._load_range(p, at)
-            except ReplayDataError as e:
-                e.bad_range = p  # type: ignore[attr-defined]
-                raise
-            at += used
-            positions.append(pos)
-        pos = np.concatenate(positions)
-        if len(pos) == 0:
-            e = ReplayDataError(
-                f"nothing left to sample for {self.games[ranges[0].game]} after selection (checkpoints "
-                f"{sorted({(p.run, p.suffix) for p in ranges})}, fraction {self.fraction}); select more data."
-            )
-            e.bad_range = ranges[0]  # type: ignore[attr-defined]
-            raise e
-        start = int(self._slot_start[slot])
-        self._valid_rows[start : start + len(pos)] = pos
-        self._slot_num_valid[slot] = len(pos)
-
-    def _load_next_set(self, g: int, period: int, slot: int) -> list[CheckpointRange] | None:
-        """Background job: load game g's set for `period` into `slot`; a corrupt checkpoint is reported,
-        excluded and replaced by the next set. None when the set equals the loaded one."""
-        while True:
-            ranges = self._set_in_period(g, period)
-            if ranges == self._loaded[g]:
-                return None
-            try:
-                self._load_into_slot(slot, ranges)
-                return ranges
-            except ReplayDataError as e:
-                bad = e.bad_range.key()  # type: ignore[attr-defined]
-                warnings.warn(
-                    f"replay: {e} Excluding {self.games[g]} run {bad[1]} checkpoint {bad[2]} and going on.",
-                    stacklevel=1,
-                )
-                with self._lock:
-                    self._excluded.add(bad)
-                    self._stats["excluded_checkpoints"] = len(self._excluded)
-
-    def _swap_game(self, k: int) -> int:
-        """The rotating game that makes swap number k (round-robin)."""
-        return self._rotating[(k - 1) % len(self._rotating)]
-
-    def _start_next_load(self) -> None:
-        if not self._rotating:
-            return
-        g = self._swap_game(self._next_swap)
-        period, slot = self._period[g] + 1, self._spare_slot
-        self._job = _BackgroundLoad(lambda: self._load_next_set(g, period, slot))
-
-    def _swap(self) -> None:
-        job, g = self._job, self._swap_game(self._next_swap)
-        if not job.done.is_set():
-            self._stats["reload_waits"] += 1
-            t0 = time.perf_counter()
-            job.done.wait()
-            self._stats["reload_wait_s"] += time.perf_counter() - t0
-        if job.error is not None:
-            raise job.error
-        self._period[g] += 1
-        if job.result is not None:
-            self._game_slot[g], self._spare_slot = self._spare_slot, self._game_slot[g]
-            self._loaded[g] = job.result
-            self._stats["reloads"] += 1
-            self._layout_cache.clear()
-        self._next_swap += 1
-        self._start_next_load()
-
-    # --- streaming: the per-call batch layout, cached -------------------------------------------------------
-
     def _batch_layout(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For this call: each row's game [B] (this rank's rows of the global batch, see rank_batch_games),
         and its game's number of valid transitions and first row in _valid_rows. Cached per rotation step (at
@@ -1447,612 +870,3 @@ class MultiGameReplay:
             slot = np.asarray(self._game_slot)[game]  # [B]
             self._layout_cache[key] = (game, self._slot_num_valid[slot], self._slot_start[slot])
         return self._layout_cache[key]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The streaming machinery's helpers: windows, the background loader, the gzip reader, malloc
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRange:
-    """A contiguous range [lo, hi) of one checkpoint's transition indices (file order), loaded as one unit:
-    a whole checkpoint (its first `fraction`), or a window of one. The sampler state saves it as to_list()."""
-
-    game: int
-    run: int
-    suffix: int
-    lo: int
-    hi: int
-
-    def key(self) -> tuple[int, int, int]:
-        """(game, run, suffix): which checkpoint the range is of."""
-        return (self.game, self.run, self.suffix)
-
-    def to_list(self) -> list[int]:
-        return [self.game, self.run, self.suffix, self.lo, self.hi]
-
-
-def _frame_range(info: CheckpointInfo, lo: int, hi: int, n_step: int) -> tuple[int, int]:
-    """Frames [frame_lo, frame_hi) that transitions [lo, hi) need: the 3 before lo (the first stack) and the
-    n_step after hi (the last n-step window). Indices may run past the file's ends (circular wrap)."""
-    full = info.add_count >= info.capacity
-    if full and lo == 0 and hi == info.capacity:  # a whole circular buffer: pad with its wrapped frames
-        return 1 - STACK, info.capacity + n_step
-    return max(0, lo - (STACK - 1)), min(info.num_stored, hi + n_step)
-
-
-def _split_range(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) cut into `parts` near-equal, non-empty ranges."""
-    edges = np.linspace(lo, hi, parts + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-class _BackgroundLoad:
-    """A background load (daemon thread) whose result the learner collects at a fixed sample count."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as e:  # handed to the learner at the swap
-            self.error = e
-        finally:
-            self.done.set()
-
-
-# plan_report's checkpoint load speed (gzip inflate + parse): measured by benchmarks/bench_replay.py on this
-# project's CPU (the README's Performance section)
-INFLATE_BYTES_PER_S = 1.439e9
-
-
-class _LoadCancelled(Exception):
-    """Ends a background load when the sampler stops its loader (close, load_state_dict)."""
-
-
-# Why not np.load(gzip.open(...)): inflating straight into the arena, skipping to a window and stopping on
-# request loads a checkpoint faster than `gzip -dc` alone (README's Performance section, bench_replay.py).
-class _GzipNpy:
-    """One np.save'd array read out of a .gz file at zlib speed: the header first, then rows decompressed
-    straight into numpy buffers (no Python loop per element, no pickle). Raises ReplayDataError for
-    missing, truncated or corrupt files and for object dtypes."""
-
-    _IN_CHUNK = 1 << 18  # compressed bytes per read
-    _OUT_CHUNK = 1 << 20  # decompressed bytes per zlib call: small enough to copy while in cache
-
-    def __init__(self, path: Path, stop: threading.Event | None = None):
-        self.path, self._stop = path, stop
-        try:
-            self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
-        except FileNotFoundError:
-            raise ReplayDataError(f"{path} is missing: re-download or re-record this checkpoint.") from None
-        self._inflater = zlib.decompressobj(wbits=31)  # 31: gzip container, CRC32 checked at the end
-        self._in_chunk = 1 << 16  # small first read: headers are all that a scan needs
-        self._ended = False
-        try:
-            version = np.lib.format.read_magic(self)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except ReplayDataError:
-            self.close()
-            raise
-        except (ValueError, OSError, EOFError) as e:
-            self.close()
-            raise ReplayDataError(
-                f"{path} does not hold a .npy array ({e}); re-download or re-record this checkpoint."
-            ) from None
-        if dtype.hasobject or fortran:
-            self.close()
-            raise ReplayDataError(
-                f"{path} holds an object or Fortran-order array, which DQN-Replay never writes (and which "
-                "would need pickle); re-download or re-record this checkpoint."
-            )
-        self.shape, self.dtype = tuple(shape), dtype
-
-    def _corrupt(self, why: str) -> ReplayDataError:
-        return ReplayDataError(f"{self.path} is truncated or corrupt ({why}); re-download or re-record it.")
-
-    def _inflate(self, max_len: int) -> bytes:
-        """Up to max_len (>= 1) decompressed bytes; b'' only at the clean end of the gzip stream."""
-        while True:
-            if self._stop is not None and self._stop.is_set():
-                raise _LoadCancelled
-            if self._inflater.eof:
-                data = self._inflater.unused_data or self._file.read(self._in_chunk)
-                if not data.strip(b"\x00"):  # end of file (gzip tolerates zero padding)
-                    self._ended = True
-                    return b""
-                self._inflater = zlib.decompressobj(wbits=31)  # another gzip member
-            else:
-                data = self._inflater.unconsumed_tail or self._file.read(self._in_chunk)
-                self._in_chunk = self._IN_CHUNK
-            try:
-                out = self._inflater.decompress(data, max_len)  # b"" input still flushes pending output
-            except zlib.error as e:
-                raise self._corrupt(str(e)) from None
-            if out:
-                return out
-            if not data and not self._inflater.eof:
-                raise self._corrupt("the gzip stream ends early")
-
-    def read(self, n: int) -> bytes:  # used by np.lib.format's header parser
-        parts, have = [], 0
-        while have < n:
-            out = self._inflate(n - have)
-            if not out:
-                break
-            parts.append(out)
-            have += len(out)
-        return b"".join(parts)
-
-    def readinto(self, buffer: np.ndarray) -> None:
-        """Fill a C-contiguous array completely with the next bytes of the stream."""
-        mv = memoryview(buffer).cast("B")
-        pos, total = 0, len(mv)
-        while pos < total:
-            out = self._inflate(min(total - pos, self._OUT_CHUNK))
-            if not out:
-                raise self._corrupt(f"the data ends after {pos:,} of {total:,} bytes")
-            mv[pos : pos + len(out)] = out
-            pos += len(out)
-
-    def skip(self, nbytes: int) -> None:
-        while nbytes > 0:
-            out = self._inflate(min(nbytes, self._OUT_CHUNK))
-            if not out:
-                raise self._corrupt("the data ends early")
-            nbytes -= len(out)
-
-    def finish(self) -> None:
-        """Check that nothing follows the array and that the gzip CRC matched."""
-        if self._inflate(1):
-            raise self._corrupt("extra bytes after the array")
-
-    def read_all(self) -> np.ndarray:
-        arr = np.empty(self.shape, self.dtype)
-        self.readinto(arr)
-        self.finish()
-        return arr
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> _GzipNpy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _read_small_array(path: Path) -> np.ndarray:
-    """A whole (small) np.save'd array out of a .gz file."""
-    with _GzipNpy(path) as f:
-        return f.read_all()
-
-
-_MALLOC_TUNED = False
-
-
-# Why: a batch of frames (0.9 MB at batch 32, 14 MB at 512) is above glibc's mmap threshold, so each sample()
-# would map fresh pages and fault on every 4 KB, which costs more than the copy (README, Performance).
-def tune_malloc() -> None:
-    """Let glibc keep the memory of freed batches instead of handing it back to the OS after every batch:
-    the mmap threshold goes to glibc's 32 MB maximum and the trim threshold to 256 MB, so freed batches stay
-    reusable heap memory. Process-wide; it changes no result; a no-op without glibc (macOS, Windows, musl).
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The recorder: play ALE, write DQN-Replay checkpoints
-
-
-_progress_counter: Any = None  # a multiprocessing.Value in worker processes
-
-
-def _worker_init(counter: Any) -> None:
-    global _progress_counter
-    _progress_counter = counter
-    import signal
-
-    # Ctrl-C reaches the whole process group: the parent stops the recording (and these workers) alone, so
-    # a worker ignores SIGINT instead of printing a KeyboardInterrupt traceback; SIGTERM ends it quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-
-def _scripted_policy(
-    policy: str, game: str, legal: list[int], env: Any, rng: np.random.Generator
-) -> Callable[[np.ndarray], int]:
-    """`module:function`, called as function(game, env, rng) -> act(obs) -> full-set action id (e.g.
-    experiments.behavior:scripted, which reads the emulator RAM); wrapped to give minimal-set indices."""
-    import importlib
-
-    module, _, name = policy.partition(":")
-    try:
-        make = getattr(importlib.import_module(module), name)
-        act_full = make(game, env, rng)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ReplayDataError(f"--policy {policy}: {e}") from None
-    index = {a: i for i, a in enumerate(legal)}
-
-    def act(obs: np.ndarray) -> int:
-        a = int(act_full(obs))
-        if a not in index:
-            raise ReplayDataError(f"--policy {policy} chose action {a}, not one of {game}'s legal {legal}.")
-        return index[a]
-
-    return act
-
-
-def _make_policy(
-    policy: str, game: str, legal: list[int], epsilon: float, rng: np.random.Generator, env: Any = None
-) -> Callable[[np.ndarray], int]:
-    """obs uint8 [4, 84, 84] -> minimal-set action index."""
-    if policy == "random":
-        return lambda obs: int(rng.integers(len(legal)))
-    if _is_scripted(policy):
-        return _scripted_policy(policy, game, legal, env, rng)
-    import torch  # lazy: the random policy needs no torch
-
-    ckpt, net = load_policy(policy)
-    if game not in list(ckpt["games"]):
-        raise ReplayDataError(
-            f"--policy {policy} has no head for {game} (it knows {', '.join(ckpt['games'])}); "
-            "record other games or use --policy random."
-        )
-    import atari
-    import cql_multigame
-
-    net.eval()
-    head = torch.tensor([list(ckpt["games"]).index(game)])
-    support = cql_multigame.support_from_checkpoint(ckpt)  # [K], with its one documented fallback
-    legal_t = torch.as_tensor(legal)
-
-    def act(obs: np.ndarray) -> int:
-        with torch.no_grad():
-            q = cql_multigame.expected_q(net(torch.from_numpy(obs[None]), head), support)  # [1, 18]
-        return int(atari.epsilon_greedy(q[:, legal_t].numpy(), epsilon, rng)[0])  # the evaluation's rule
-
-    return act
-
-
-def _is_scripted(policy: str) -> bool:
-    """A `module:function` policy, as opposed to "random" or a checkpoint file."""
-    module = policy.partition(":")[0]
-    return ":" in policy and not Path(policy).is_file() and module.replace(".", "").isidentifier()
-
-
-def write_episode_returns(directory: str | Path, suffix: int, returns: Sequence[float]) -> Path:
-    """`episode_returns_ckpt.N.json` beside checkpoint N: the unclipped returns of the episodes that ended
-    while its transitions were written (plain JSON; Dopamine's and this project's readers ignore the file)."""
-    path = Path(directory) / f"episode_returns_ckpt.{suffix}.json"
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, e, 64 * len(returns) + 64) from None
-    return path
-
-
-def read_episode_returns(directory: str | Path, suffixes: Sequence[int] | None = None) -> list[float]:
-    """The episode returns saved beside the checkpoints `suffixes` (all that have a file if None)."""
-    directory = Path(directory)
-    paths = (
-        sorted(directory.glob("episode_returns_ckpt.*.json"))
-        if suffixes is None
-        else [directory / f"episode_returns_ckpt.{s}.json" for s in suffixes]
-    )
-    out: list[float] = []
-    for p in paths:
-        out.extend(float(r) for r in json.loads(p.read_text())["returns"])
-    return out
-
-
-def load_policy(policy: str) -> tuple[dict[str, Any], Any]:
-    """A --policy checkpoint and its network, through the training scripts' loader: a missing, truncated or
-    foreign file is one sentence (ReplayDataError), as in cql_multigame.py and the fine-tuning scripts."""
-    import cql_multigame  # lazy: the random policy needs neither torch nor the training script
-
-    try:
-        ckpt = cql_multigame.load_checkpoint(policy)
-        return ckpt, cql_multigame.network_from_checkpoint(ckpt, path=policy)
-    except cql_multigame.ConfigError as e:
-        raise ReplayDataError(f"--policy: {e}") from None
-
-
-def _record_one(job: dict[str, Any], report: Callable[[int], None] | None = None) -> str:
-    """Record num_checkpoints snapshots of one (game, run) stream; returns the replay_logs directory."""
-    if job["policy"] == "random" or _is_scripted(job["policy"]):
-        return _record_stream(job, report)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ours: batch-1 acting is much faster on one thread (README, Performance)
-    try:
-        return _record_stream(job, report)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _record_stream(job: dict[str, Any], report: Callable[[int], None] | None) -> str:
-    import atari
-
-    game, logs = job["game"], Path(job["logs"])
-    ss = np.random.SeedSequence([job["seed"], job["run"], job["game_index"]])
-    env_seed, policy_seed = (int(x) for x in ss.generate_state(2) % 2**31)
-    rng = np.random.default_rng(policy_seed)
-    legal = atari.legal_actions(game)
-    env = atari.make_env(
-        game, sticky_actions=job["sticky_actions"], seed=env_seed, max_episode_steps=job["max_episode_steps"]
-    )
-    policy = _make_policy(job["policy"], game, legal, job["epsilon"], rng, env)
-    buf = FrameBuffer(job["capacity"], n_step=1)
-    obs, _ = env.reset()  # [4, 84, 84]
-    pending, episode_return = 0, 0.0
-    for k in range(job["num_checkpoints"]):
-        returns = []  # unclipped game scores of the episodes that end inside this checkpoint
-        for _ in range(job["capacity"]):  # a snapshot after every `capacity` agent steps, as DQN-Replay
-            a = policy(obs)
-            next_obs, reward, terminated, truncated, _ = env.step(legal[a])
-            done = terminated or truncated  # the time-limit cut is a terminal in DQN-Replay too
-            buf.add(obs[-1], a, float(np.clip(reward, -1.0, 1.0)), done)
-            episode_return += float(reward)
-            if done:
-                returns.append(episode_return)
-                episode_return = 0.0
-            obs = env.reset()[0] if done else next_obs
-            pending += 1
-            if pending == 1000:
-                if report is not None:
-                    report(pending)
-                elif _progress_counter is not None:
-                    with _progress_counter.get_lock():
-                        _progress_counter.value += pending
-                pending = 0
-        buf.save(logs, k)
-        write_episode_returns(logs, k, returns)
-    env.close()
-    if report is not None:
-        report(pending)
-    elif _progress_counter is not None:
-        with _progress_counter.get_lock():
-            _progress_counter.value += pending
-    return str(logs)
-
-
-def record(
-    out_dir: str | Path,
-    games: Sequence[str],
-    runs: Sequence[int] = (1,),
-    *,
-    num_checkpoints: int = 1,
-    capacity: int = 100_000,
-    policy: str = "random",
-    epsilon: float = 0.01,
-    seed: int = 0,
-    sticky_actions: float = 0.25,
-    max_episode_steps: int = 27_000,
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> list[Path]:
-    """Play each game under `policy` and write DQN-Replay checkpoints to <out_dir>/<Game>/<run>/replay_logs/.
-
-    Each (game, run) is one stream of episodes through one FrameBuffer of `capacity` transitions;
-    checkpoint k is its snapshot after (k+1) * capacity agent steps (so, as in DQN-Replay, consecutive
-    checkpoints hold disjoint data and the padding puts the cursor mid-buffer). Rewards are clipped to
-    [-1, 1]; game over and the max_episode_steps cut are both terminal. num_workers processes record
-    (game, run) pairs in parallel (0: one per pair, at most the CPU count). Returns the directories.
-    """
-    import atari
-
-    try:
-        games = [atari.check_game(g) for g in games]
-    except ValueError as e:
-        raise ReplayDataError(str(e)) from None
-    if capacity < 2 * STACK or num_checkpoints < 1:
-        raise ReplayDataError(f"capacity {capacity} must be >= {2 * STACK} and num_checkpoints >= 1.")
-    if policy != "random" and not Path(policy).is_file() and not _is_scripted(policy):
-        raise ReplayDataError(
-            f"--policy {policy} is neither 'random', an existing checkpoint file, nor module:function."
-        )
-    if not 0.0 <= epsilon <= 1.0:
-        raise ReplayDataError(f"--epsilon {epsilon} must be in [0, 1].")
-    if policy != "random" and not _is_scripted(policy):
-        load_policy(policy)  # a truncated or foreign checkpoint: one sentence now, not in a worker
-    _check_writable(Path(out_dir))
-    jobs = []
-    for gi, game in enumerate(games):
-        for run in runs:
-            logs = Path(out_dir) / game / str(run) / "replay_logs"
-            if _scan_suffixes(logs) and not overwrite:
-                raise ReplayDataError(
-                    f"{logs} already holds checkpoints; pass --overwrite or other --out-dir."
-                )
-            jobs.append(
-                dict(
-                    game=game, game_index=gi, run=int(run), logs=str(logs), seed=seed, policy=policy,
-                    epsilon=epsilon, capacity=capacity, num_checkpoints=num_checkpoints,
-                    sticky_actions=sticky_actions, max_episode_steps=max_episode_steps,
-                )
-            )  # fmt: skip
-    from tqdm import tqdm
-
-    total = len(jobs) * num_checkpoints * capacity
-    bar = tqdm(total=total, desc="recording", unit="step", disable=not progress, smoothing=0.1)
-    workers = min(len(jobs), os.cpu_count() or 1) if num_workers <= 0 else min(num_workers, len(jobs))
-    pids = {os.getpid()}  # the writers whose temporary files an interrupted recording removes
-    try:
-        if workers <= 1:
-            out = [_record_one(j, bar.update) for j in jobs]
-        else:
-            import concurrent.futures
-            import multiprocessing
-
-            # fork is fastest and the random and scripted policies never touch torch; a Q-network policy needs
-            # spawn (torch threads in the parent), which re-imports the caller's main module in the children
-            no_torch = policy == "random" or _is_scripted(policy)
-            use_fork = no_torch and "fork" in multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if use_fork else "spawn")
-            counter = ctx.Value("q", 0)
-            with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_worker_init, initargs=(counter,)
-            ) as pool:
-                futures = _submit_ignoring_sigint(pool, jobs)
-                try:
-                    while not all(f.done() for f in futures):
-                        concurrent.futures.wait(futures, timeout=0.5)
-                        bar.update(counter.value - bar.n)
-                        pids |= set((pool._processes or {}).keys())
-                    out = [f.result() for f in futures]
-                except BaseException:  # interrupted, or a worker failed: stop the others now, not at the end
-                    for f in futures:
-                        f.cancel()
-                    for proc in list((pool._processes or {}).values()):
-                        proc.terminate()
-                    raise
-                bar.update(counter.value - bar.n)
-    except BaseException:
-        _remove_temp_files([Path(j["logs"]) for j in jobs], pids)
-        raise
-    finally:
-        bar.close()
-    return [Path(p) for p in out]
-
-
-def _submit_ignoring_sigint(pool: Any, jobs: list[dict[str, Any]]) -> list[Any]:
-    """Submit the jobs (this starts the workers) with SIGINT ignored for that moment: a worker inherits
-    the ignored disposition, so a Ctrl-C while it still imports prints no traceback (the parent stops it)."""
-    import signal
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        return [pool.submit(_record_one, j) for j in jobs]
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Before recording: --out-dir can be created and written (one sentence if not)."""
-    probe = _temp_path(out_dir / ".write_test")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ReplayWriteError(
-            f"cannot write in --out-dir {out_dir} ({e.strerror or type(e).__name__}); pass a writable folder."
-        ) from None
-
-
-def _remove_temp_files(dirs: list[Path], pids: set[int]) -> None:
-    """Remove the temporary files of writers `pids` on this host (see _temp_path) after an interruption."""
-    import socket
-
-    host = socket.gethostname()
-    for d in dirs:
-        for pid in pids:
-            for tmp in d.glob(f"*.{host}.{pid}.tmp") if d.is_dir() else ():
-                tmp.unlink(missing_ok=True)
-
-
-@dataclasses.dataclass
-class Args:
-    """Record DQN-Replay-format data: python replay.py --out-dir data/demo --games Pong Breakout"""
-
-    out_dir: str = "data/recorded"
-    """folder that receives <Game>/<run>/replay_logs/ (the layout of gs://atari-replay-datasets/dqn); default
-    ours"""
-    games: tuple[str, ...] = ("Pong",)
-    """games to record (ALE / DQN-Replay names, e.g. MsPacman); default ours, a demo"""
-    runs: tuple[int, ...] = (1,)
-    """run folder names; each run is an independent stream with its own seed"""
-    num_checkpoints: int = 1
-    """snapshots per run (suffixes 0, 1, ...); default ours, a demo (DQN-Replay: 51, suffixes 0..50)"""
-    capacity: int = 100_000
-    """transitions per checkpoint = agent steps between snapshots; default ours, a demo (DQN-Replay:
-    1,000,000)"""
-    policy: str = "random"
-    """behavior policy: random (uniform over legal actions), a checkpoint.pt of cql_multigame.py
-    (epsilon-greedy), or module:function of a scripted policy, e.g. experiments.behavior:scripted"""
-    epsilon: float = 0.01
-    """random-action probability of the Q-network policy (ours: DQN's final training epsilon)"""
-    seed: int = 0
-    """seed of the environments and the policy"""
-    sticky_actions: float = 0.25
-    """ALE repeat-action probability (DQN-Replay: 0.25)"""
-    max_episode_steps: int = 27_000
-    """time limit in agent steps; the cut is stored as a terminal (DQN-Replay: 27,000)"""
-    num_workers: int = 0
-    """processes recording (game, run) pairs in parallel (0: one per pair, up to the CPU count)"""
-    overwrite: bool = False
-    """replace checkpoints that already exist in --out-dir"""
-
-
-def main(args: Args) -> None:
-    import signal
-
-    import cql_multigame  # the training scripts' range checker (this also imports torch)
-
-    got = [signal.SIGINT]
-
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a scheduler) stops the recording like Ctrl-C
-        got[0] = signum
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        cql_multigame.check_ranges(args)
-        dirs = record(
-            args.out_dir, args.games, args.runs, num_checkpoints=args.num_checkpoints, capacity=args.capacity,
-            policy=args.policy, epsilon=args.epsilon, seed=args.seed, sticky_actions=args.sticky_actions,
-            max_episode_steps=args.max_episode_steps, num_workers=args.num_workers, overwrite=args.overwrite,
-        )  # fmt: skip
-    except (ReplayDataError, cql_multigame.ConfigError, cql_multigame.replay.ReplayDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted by {signal.Signals(got[0]).name}: recording stopped; complete checkpoints in "
-            f"{args.out_dir} stay, partial files were removed (rerun with --overwrite to record again).",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + got[0]) from None
-    for d in dirs:
-        print(f"wrote {d} (checkpoints {list_checkpoints(d)})")
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))

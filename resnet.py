@@ -9,7 +9,8 @@ What it leaves out: the paper's exact ResNet stem, GroupNorm group count, MLP wi
 its feature normalization are not stated in any source we have; each choice here is marked "# ours:".
 The network knows nothing about the loss, the replay or the games' names (game ids are integers).
 
-Public: ARCHS, QNetwork, count_parameters, transfer.
+Public: ARCHS, QNetwork, count_parameters, expected_q, target_network, transfer, freeze_trunk, copy_head,
+network_from_checkpoint, support_from_checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from machinery.flags import ConfigError
 
 # --------------------------------------------------------------------------------------------------------
 # Trunks. Each builder takes no arguments and returns an nn.Module mapping float [B, 4, 84, 84] in [0, 1]
@@ -309,17 +312,10 @@ def transfer(net: QNetwork, num_games: int) -> QNetwork:
 
 
 def target_network(net: QNetwork) -> QNetwork:
-    """The target network of `net`: a QNetwork of the same config holding a copy of net's current weights, on
-    net's device, dtype and memory format, with requires_grad False. It is built like `net` (its random init
-    draws from torch's RNG once more, as every script has always done, so seeded runs stay unchanged);
-    load another state into it (a resumed run's target) with load_state_dict."""
-    ref = next(net.parameters())
-    channels_last = net.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
-    target = QNetwork(**net.config()).to(device=ref.device, dtype=ref.dtype)
-    target = target.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    target.load_state_dict(net.state_dict())
-    target.requires_grad_(False)
-    return target
+    """The target network of `net` (DQN's Q-hat): a frozen deep copy of the online network, holding net's
+    current weights on its device, dtype and memory format, with requires_grad False. The training loop
+    copies the online weights into it every target_update_every steps (load_state_dict)."""
+    return copy.deepcopy(net).requires_grad_(False)
 
 
 def freeze_trunk(net: QNetwork) -> None:
@@ -334,3 +330,62 @@ def copy_head(dst: QNetwork, dst_game: int, src: QNetwork, src_game: int) -> Non
     with torch.no_grad():
         dst.heads.weight[dst_game] = src.heads.weight[src_game]  # [A*K, D]
         dst.heads.bias[dst_game] = src.heads.bias[src_game]  # [A*K]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading a C51 head, and a network out of a checkpoint
+# --------------------------------------------------------------------------------------------------------
+
+# The C51 support every run of this repo uses unless told otherwise: 51 atoms on [-10, 10] (ours: C51's
+# defaults for clipped rewards; cql_multigame.Args' v_min, v_max and num_atoms default to these values).
+V_MIN, V_MAX, NUM_ATOMS = -10.0, 10.0, 51
+
+
+def expected_q(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """[B, A, K] logits -> [B, A] expected Q-values, sum_k softmax(logits)_k z_k (every script's Q)."""
+    return (logits.float().softmax(-1) * support).sum(-1)
+
+
+def support_bounds(ckpt: dict | None) -> tuple[float, float, int]:
+    """(v_min, v_max, num_atoms) of a checkpoint: its args' v_min/v_max and its net_config's num_atoms.
+    The one fallback, for a checkpoint without them or none at all: V_MIN, V_MAX, NUM_ATOMS."""
+    run_args = (ckpt or {}).get("args") or {}
+    net_config = (ckpt or {}).get("net_config") or {}
+    return (
+        float(run_args.get("v_min", V_MIN)),
+        float(run_args.get("v_max", V_MAX)),
+        int(net_config.get("num_atoms", NUM_ATOMS)),
+    )
+
+
+def support_from_checkpoint(ckpt: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The C51 support [K] a checkpoint's network was trained with (support_bounds), on `device`."""
+    v_min, v_max, num_atoms = support_bounds(ckpt)
+    return torch.linspace(v_min, v_max, num_atoms, device=device)  # [K]
+
+
+def network_from_checkpoint(ckpt: dict, which: str = "model", path: object = "the checkpoint") -> QNetwork:
+    """Rebuild the QNetwork a checkpoint was trained with and load its weights (`which`: model or target).
+
+    A checkpoint this resnet.py cannot rebuild (an unknown arch, weights of another shape) stops with one
+    sentence naming the first weight that does not fit.
+    """
+    try:
+        net = QNetwork(**ckpt["net_config"])
+        net.load_state_dict(ckpt[which])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0].rstrip(":.") if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and "net" in locals():  # name the first weight that does not fit
+            built, saved = net.state_dict(), ckpt[which]
+            bad = [k for k in built if k not in saved or saved[k].shape != built[k].shape]
+            bad = bad or [k for k in saved if k not in built]
+            if bad:
+                k = bad[0]
+                got = tuple(saved[k].shape) if k in saved else "missing"
+                want = tuple(built[k].shape) if k in built else "no such weight"
+                reason = f"{k} is {got} in its weights but {want} in its net_config"
+        raise ConfigError(
+            f"checkpoint {path} holds a network this resnet.py cannot rebuild ({reason}); use a checkpoint "
+            "written by this version of cql_multigame.py."
+        ) from None
+    return net

@@ -8,7 +8,7 @@ BatchStream.next() (the wait), next to the time of one sample() + tensor convers
 on a fixed batch: with prefetch 0 the wait is the sampling itself; with prefetch the thread hides it
 when there is a core free for it.
 
-The data: `transitions` random-policy transitions per game recorded with replay.record into `data_dir`
+The data: `transitions` random-policy transitions per game recorded with record.record into `data_dir`
 (reused when present), as the `demo` preset does.
 
     python benchmarks/bench_pipeline.py                        # tiny, 3 games, batch 32 on CPU
@@ -34,6 +34,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cql_multigame as cql  # noqa: E402
+import record  # noqa: E402
 import replay  # noqa: E402
 import resnet  # noqa: E402
 
@@ -69,7 +70,7 @@ class Args:
 def record_data(args: Args) -> None:
     missing = [g for g in args.games if not replay.list_checkpoints(args.data_dir / g / "1" / "replay_logs")]
     if missing:
-        replay.record(args.data_dir, missing, capacity=args.transitions, overwrite=True, progress=False)
+        record.record(args.data_dir, missing, capacity=args.transitions, overwrite=True, progress=False)
 
 
 def main(args: Args) -> dict:

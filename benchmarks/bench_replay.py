@@ -7,7 +7,7 @@
   the arena at every call (cold caches, as sample() reads them): ratio, goal <= 2;
 - recording speed of the random-policy recorder (steps per second, one process).
 
-The checkpoint: `record_steps` real frames recorded with replay.record, repeated to `transitions` rows
+The checkpoint: `record_steps` real frames recorded with record.record, repeated to `transitions` rows
 (gzip's 32 KB window never sees the repeat, so compression matches real data), written by replay.py.
 
     python benchmarks/bench_replay.py            # prints a markdown table, writes benchmarks/results/
@@ -26,6 +26,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import record  # noqa: E402
 import replay  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def make_data(args: Args) -> tuple[Path, float]:
     t = time.perf_counter()
     steps_per_s = float("nan")
     if not replay.list_checkpoints(rec_dir / args.game / "1" / "replay_logs"):
-        replay.record(rec_dir, [args.game], capacity=args.record_steps, num_workers=1, overwrite=True)
+        record.record(rec_dir, [args.game], capacity=args.record_steps, num_workers=1, overwrite=True)
         steps_per_s = args.record_steps / (time.perf_counter() - t)
     data_dir = work / "data"
     logs = data_dir / args.game / "1" / "replay_logs"

@@ -6,7 +6,7 @@ behavior cloning (BC) of the same data (Sec. 5.1, Fig. 3 and Table 1). The real 
 here, so this script makes its own, in the DQN-Replay format, with scripted behavior policies whose mistakes
 are systematic (experiments/behavior.py), then runs the comparison end to end:
 
-1. data: replay.record(policy="experiments.behavior:scripted") for every game (cached in --data-dir), and
+1. data: record.record(policy="experiments.behavior:scripted") for every game (cached in --data-dir), and
    the behavior's return (mean and 95% CI over the recorded episodes, from the returns saved beside the data);
 2. one multi-game network per (method, seed), trained offline on all games together with cql_multigame.main:
    `cql` (the full algorithm), `bc` (cql_multigame's `bc` preset: TD off, the CQL term alone is the
@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's modul
     sys.path.insert(0, str(ROOT))
 
 import atari  # noqa: E402
+import record  # noqa: E402
 import replay  # noqa: E402
 
 BEHAVIOR_POLICY = "experiments.behavior:scripted"
@@ -182,7 +183,7 @@ def make_data(args: Args) -> None:
         return
     print(f"recording {capacity * args.checkpoints_per_game:,} transitions of scripted behavior for "
           f"{list(args.games)} ({todo} missing)")  # fmt: skip
-    replay.record(
+    record.record(
         args.data_dir,
         list(args.games),
         runs=(1,),

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the repo's modules are one folder up
     sys.path.insert(0, str(ROOT))
 
+import record  # noqa: E402
 import replay  # noqa: E402
 from experiments import evidence  # noqa: E402
 
@@ -127,7 +128,7 @@ def make_offline_data(args: Args) -> None:
     if (logs / "episode_returns_ckpt.0.json").is_file():
         return
     print(f"recording {args.offline_transitions:,} transitions of scripted behavior for {args.offline_game}")
-    replay.record(
+    record.record(
         args.data_dir, [args.offline_game], runs=(1,), num_checkpoints=1, capacity=args.offline_transitions,
         policy=evidence.BEHAVIOR_POLICY, seed=0, overwrite=True, progress=not args.quick,
     )  # fmt: skip

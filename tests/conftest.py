@@ -2,7 +2,7 @@
 
 import pytest
 
-import replay
+import record
 
 GAMES = ("Breakout", "Boxing", "Freeway")
 
@@ -11,5 +11,5 @@ GAMES = ("Breakout", "Boxing", "Freeway")
 def data_dir(tmp_path_factory):
     """1,500 random-policy transitions of each of GAMES, recorded once per test module."""
     path = tmp_path_factory.mktemp("data")
-    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
+    record.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
     return path

@@ -13,6 +13,7 @@ import torch
 from conftest import GAMES
 
 import cql_multigame
+import record
 import replay
 from cql_multigame import PRESETS, Args, ConfigError, cli, main
 
@@ -221,7 +222,7 @@ def test_torchrun_four_processes_split_the_games_of_the_global_batch(data_dir, t
     data6.mkdir()
     for game in GAMES:
         (data6 / game).symlink_to(data_dir / game)
-    replay.record(data6, games[3:], runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
+    record.record(data6, games[3:], runs=(1,), num_checkpoints=1, capacity=1500, seed=0, progress=False)
     steps = 6
     r = run_script(
         "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",

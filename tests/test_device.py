@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cql_multigame as cql
+import record
 import replay
 import resnet
 
@@ -123,7 +124,7 @@ def test_bf16_autocast_keeps_the_loss_close_to_float32():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("data")
-    replay.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1200, seed=0, progress=False)
+    record.record(path, GAMES, runs=(1,), num_checkpoints=1, capacity=1200, seed=0, progress=False)
     return path
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import atari
+import record
 import replay
 from experiments import behavior, evidence
 
@@ -96,7 +97,7 @@ def test_mixture_frequencies_make_the_bad_action_the_most_frequent():
 
 
 def test_recorder_takes_a_module_function_policy(tmp_path):
-    (logs,) = replay.record(
+    (logs,) = record.record(
         tmp_path, ["Freeway"], num_checkpoints=2, capacity=1100, policy="experiments.behavior:scripted",
         seed=1, progress=False,
     )  # fmt: skip
@@ -109,9 +110,9 @@ def test_recorder_takes_a_module_function_policy(tmp_path):
     returns = replay.read_episode_returns(logs)
     assert returns == replay.read_episode_returns(logs, [0, 1]) and len(returns) >= 1  # Freeway: 2,048 steps
     with pytest.raises(replay.ReplayDataError, match="no scripted behavior for Pong"):
-        replay.record(tmp_path / "x", ["Pong"], capacity=100, policy="experiments.behavior:scripted")
+        record.record(tmp_path / "x", ["Pong"], capacity=100, policy="experiments.behavior:scripted")
     with pytest.raises(replay.ReplayDataError, match="nope"):
-        replay.record(tmp_path / "y", ["Pong"], capacity=100, policy="experiments.behavior:nope")
+        record.record(tmp_path / "y", ["Pong"], capacity=100, policy="experiments.behavior:nope")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 
 import cql_multigame
 import finetune_offline
+import record
 import replay
 from finetune_offline import Args, ConfigError
 
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
     """Random-policy data for 3 training games + 1 held-out game; a 10-step cql_multigame.py checkpoint."""
     root = tmp_path_factory.mktemp("finetune")
     data = root / "data"
-    replay.record(data, [*TRAIN, HELDOUT], runs=(1,), capacity=2000, seed=0, progress=False)
+    record.record(data, [*TRAIN, HELDOUT], runs=(1,), capacity=2000, seed=0, progress=False)
     flags = (
         f"--data-dir {data} --runs-dir {root} --run-name pretrain --total-steps 10 --record-missing 0 "
         "--prefetch 0 --eval-episodes 1 --eval-envs 1 --eval-max-steps 50"

@@ -23,6 +23,9 @@ from test_cql_multigame import tiny_args as cql_tiny_args
 import cql_multigame
 import finetune_offline
 import finetune_online
+import machinery.checkpoints
+import machinery.runs
+import record
 import replay
 from cql_multigame import Args, ConfigError, DiskWriteError, RunLock, main
 
@@ -161,7 +164,7 @@ def test_record_missing_checks_every_flag_before_recording(tmp_path):
 def test_recorder_cli_uses_the_checker_and_the_checkpoint_loader(tmp_path):
     def record(*flags):
         return subprocess.run(
-            [sys.executable, "replay.py", "--out-dir", str(tmp_path / "out"), "--games", "Pong", *flags],
+            [sys.executable, "record.py", "--out-dir", str(tmp_path / "out"), "--games", "Pong", *flags],
             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 
@@ -316,15 +319,15 @@ def test_full_disk_save_is_one_sentence_and_keeps_the_previous_checkpoint(data_d
             raise self.error
         return real_write(self, data)
 
-    real_save = cql_multigame.save_checkpoint
+    real_save = machinery.checkpoints.save_checkpoint
 
     def save(path, state):
         saves["failing"] = saves["n"] >= 1  # the first save works, the second meets a full disk
         saves["n"] += 1
         real_save(path, state)
 
-    monkeypatch.setattr(cql_multigame._WriteRecorder, "write", write)
-    monkeypatch.setattr(cql_multigame, "save_checkpoint", save)
+    monkeypatch.setattr(machinery.checkpoints._WriteRecorder, "write", write)
+    monkeypatch.setattr(machinery.runs, "save_checkpoint", save)  # Run.save calls it from there
     with pytest.raises(DiskWriteError) as e:
         main(tiny_args(data_dir, tmp_path, run_name="full"))
     run_dir = tmp_path / "full"
@@ -401,7 +404,7 @@ def test_recorder_full_disk_keeps_earlier_files_and_removes_partial_ones(tmp_pat
         replay.write_checkpoint(logs, 0, np.ones((c, 84, 84), np.uint8), *arrays[1:])
     assert {p.name: p.read_bytes() for p in logs.iterdir()} == before  # no .tmp, old files intact
     with pytest.raises(replay.ReplayWriteError, match="cannot write in --out-dir"):
-        replay.record(tmp_path / "Pong" / "1" / "replay_logs" / "$store$_action_ckpt.0.gz", ["Pong"],
+        record.record(tmp_path / "Pong" / "1" / "replay_logs" / "$store$_action_ckpt.0.gz", ["Pong"],
                       capacity=20, progress=False)  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import atari
+import record
 import replay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -833,7 +834,7 @@ def test_bad_paths_and_selections(tmp_path):
     new = replay.MultiGameReplay
     with pytest.raises(replay.ReplayDataError, match="does not exist: download DQN-Replay with `gsutil"):
         new(tmp_path / "nope", ["Pong"])
-    with pytest.raises(replay.ReplayDataError, match="is empty: .*python replay.py"):
+    with pytest.raises(replay.ReplayDataError, match="is empty: .*python record.py"):
         new(tmp_path, ["Pong"])
     make_dataset(tmp_path, games=("Pong",), num_ckpts=2, cases=("wrapped_cursor_mid",))
     with pytest.raises(
@@ -880,7 +881,7 @@ def test_corrupt_checkpoint_in_background_is_excluded_and_training_goes_on(tmp_p
 
 
 def test_recorder_writes_valid_dqn_replay(tmp_path):
-    dirs = replay.record(
+    dirs = record.record(
         tmp_path,
         ["Breakout"],
         runs=(1, 2),
@@ -921,7 +922,7 @@ def test_recorder_writes_valid_dqn_replay(tmp_path):
     batch = r.sample(32)
     assert set(batch.action.tolist()) <= set(legal) and batch.obs[:, -1].any()
     with pytest.raises(replay.ReplayDataError, match="already holds checkpoints"):
-        replay.record(tmp_path, ["Breakout"], runs=(1,), capacity=150, progress=False)
+        record.record(tmp_path, ["Breakout"], runs=(1,), capacity=150, progress=False)
 
 
 def test_recorder_with_a_q_network_policy(tmp_path):
@@ -939,7 +940,7 @@ def test_recorder_with_a_q_network_policy(tmp_path):
         },
         path,
     )
-    (d,) = replay.record(
+    (d,) = record.record(
         tmp_path / "data",
         ["Boxing"],
         capacity=60,
@@ -951,13 +952,13 @@ def test_recorder_with_a_q_network_policy(tmp_path):
     data = replay.read_checkpoint(d, 0)
     assert data["action"].max() < len(atari.legal_actions("Boxing"))
     with pytest.raises(replay.ReplayDataError, match="has no head for Breakout"):
-        replay.record(tmp_path / "data", ["Breakout"], capacity=60, policy=str(path), progress=False)
+        record.record(tmp_path / "data", ["Breakout"], capacity=60, policy=str(path), progress=False)
 
 
 def test_cli_help_and_one_line_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "replay.py", "--help"], cwd=REPO, capture_output=True, text=True, env=env
+        [sys.executable, "record.py", "--help"], cwd=REPO, capture_output=True, text=True, env=env
     )
     assert out.returncode == 0
     for flag in (
@@ -973,7 +974,7 @@ def test_cli_help_and_one_line_errors(tmp_path):
     ):
         assert flag in out.stdout
     out = subprocess.run(
-        [sys.executable, "replay.py", "--out-dir", str(tmp_path), "--games", "Pong", "--capacity", "3"],
+        [sys.executable, "record.py", "--out-dir", str(tmp_path), "--games", "Pong", "--capacity", "3"],
         cwd=REPO,
         capture_output=True,
         text=True,
