@@ -88,7 +88,7 @@ def main(args: Args) -> dict:
             cells.append(f"{game} {name} {d['greedy_share'][top]:.0%} gap {d['q_gap_best_second']:.4f}")
         print(f"alpha {alpha:<7g} greedy on dataset states: " + "; ".join(cells), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(evidence.repo_relative(out), indent=1))
     print(f"diagnostics: {args.out}")
     return out
 

@@ -330,6 +330,19 @@ def check_run_config(args: Args, method: str, run_dir: Path) -> None:
     remember_or_refuse(run_dir / "run_config.json", run_config(args, method), "another configuration")
 
 
+def repo_relative(obj: Any) -> Any:
+    """A copy of nested dicts/lists with every absolute path inside this repo written relative to it, and
+    other absolute paths as their name only: results files hold no machine's paths."""
+    if isinstance(obj, dict):
+        return {k: repo_relative(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [repo_relative(v) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        path = Path(obj)
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    return obj
+
+
 def remember_or_refuse(path: Path, record: dict[str, Any], other: str) -> None:
     """A folder's cached results belong to what made them: the first call writes `record` to `path`; a later
     call with another record stops with one sentence naming `other` and every key that differs."""
@@ -706,7 +719,7 @@ def main(args: Args) -> dict[str, Any]:
     }
     table = format_table(args, agg)
     result["plots"] = plot(args, agg, runs, out) if args.plots else []
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(repo_relative(result), indent=1))
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"
     print(f"\nCQL above both the behavior and BC (gap > its standard error): {holds}")

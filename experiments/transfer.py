@@ -343,7 +343,7 @@ def main(args: Args) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
     }
     result["plots"] = plot(args, offline, online, behavior["mean"], out) if args.plots else []
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.json").write_text(json.dumps(evidence.repo_relative(result), indent=1))
     print("\n\n".join(tables))
     print(f"results: {out / 'results.json'}" + "".join(f"\nplot:    {p}" for p in result["plots"]))
     return result
