@@ -60,7 +60,23 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N, mps or xla.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for CUDA but torch sees no GPU; use --device cpu.")
+    use_cuda_device(device)
     return device
+
+
+def use_cuda_device(device: torch.device) -> None:
+    """Make `device` (cuda:N) this thread's current CUDA device; a no-op for other devices. Without it every
+    torchrun rank of a multi-GPU node would create a context on GPU 0 and its pinned memory and synchronize
+    calls would act there. The current device is per thread: BatchStream's sampler thread calls it too."""
+    if device.type != "cuda" or device.index is None:
+        return
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device} (LOCAL_RANK or cuda:N) names GPU {device.index}, but torch sees "
+            f"{torch.cuda.device_count()}; start at most that many processes per node (torchrun "
+            "--nproc_per_node) or check CUDA_VISIBLE_DEVICES."
+        )
+    torch.cuda.set_device(device)
 
 
 @dataclass
@@ -271,6 +287,7 @@ class BatchStream:
 
     def _produce(self) -> None:
         try:
+            use_cuda_device(self.device)  # pin_memory below works for this rank's GPU, not GPU 0
             while not self._stop.is_set():
                 item = self._sample()
                 while not self._stop.is_set():
@@ -356,7 +373,8 @@ def tensors_to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if cuda:
         for i in cuda:
             out[i] = tensors[i].to("cpu", non_blocking=True)
-        torch.cuda.synchronize()
+        for d in {tensors[i].device for i in cuda}:  # the GPUs the copies come from, not the current one
+            torch.cuda.synchronize(d)
     for i, t in enumerate(out):  # any other device (mps): one by one
         if t.device.type != "cpu":
             out[i] = t.cpu()

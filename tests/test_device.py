@@ -165,3 +165,85 @@ def test_training_script_runs_and_resumes_on_the_device(data_dir, tmp_path):
     assert sorted(b) == list(range(1, 7)) and all(np.isfinite(list(a.values())))
     for step in range(4, 7):  # CUDA's convolution backward may add in any order: float tolerance there
         assert a[step] == pytest.approx(b[step], rel=1e-5 if TOL else 0, abs=1e-6 if TOL else 0), step
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-GPU nodes: each torchrun rank works on GPU LOCAL_RANK. On a CPU machine CUDA is faked: these tests
+# check which device the code asks for (the current device is per thread, so the sampler thread must set
+# it too); that the GPUs then really do their work there needs a machine with several GPUs.
+# --------------------------------------------------------------------------------------------------------
+
+
+class FakeGPUs:
+    """torch.cuda's device calls on a machine with `n` pretend GPUs: the current device per thread."""
+
+    def __init__(self, monkeypatch, n: int):
+        import threading
+
+        self.n, self.current, self.calls = n, threading.local(), []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: self.calls.append(("synchronize", d)))
+
+    def set_device(self, device) -> None:
+        self.current.device = torch.device(device)
+        self.calls.append(("set_device", torch.device(device)))
+
+    def device(self) -> torch.device:
+        return getattr(self.current, "device", torch.device("cuda:0"))  # CUDA's default: GPU 0
+
+
+def test_each_torchrun_rank_uses_and_sets_the_gpu_of_its_local_rank(monkeypatch):
+    gpus = FakeGPUs(monkeypatch, 4)
+    for local_rank in ("0", "3"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert cql.select_device("cuda") == torch.device(f"cuda:{local_rank}")
+        assert gpus.device() == torch.device(f"cuda:{local_rank}")
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(cql.ConfigError, match="sees 4; start at most that many processes per node"):
+        cql.select_device("cuda")
+    monkeypatch.delenv("LOCAL_RANK")
+    gpus.calls.clear()
+    assert cql.select_device("cpu") == torch.device("cpu") and gpus.calls == []
+
+
+def test_the_sampler_thread_pins_memory_for_the_ranks_gpu(data_dir, monkeypatch):
+    gpus = FakeGPUs(monkeypatch, 4)
+    pinned_on = []
+
+    def pin_memory(t):  # pinned memory belongs to the thread's current device when it is allocated
+        pinned_on.append(gpus.device())
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    data = replay.MultiGameReplay(data_dir, GAMES, runs=(1,), checkpoints="nearoptimal", seed=3)
+    stream = cql.BatchStream(data, 8, torch.device("cuda:2"), prefetch=1)
+    try:
+        item = stream._queue.get(timeout=60)  # the thread's first batch (next() would copy it to the GPU)
+        assert not isinstance(item, BaseException), item
+        assert pinned_on and set(pinned_on) == {torch.device("cuda:2")}
+    finally:
+        stream.close()
+        data.close()
+
+
+class _OnGPU:
+    """A stand-in for a CUDA tensor: its device, and a non-blocking copy to the CPU."""
+
+    def __init__(self, value: torch.Tensor, index: int):
+        self.value, self.device = value, torch.device(f"cuda:{index}")
+
+    def to(self, device, non_blocking=False):
+        assert device == "cpu" and non_blocking
+        return self.value.clone()
+
+
+def test_checkpoint_copies_wait_for_the_gpus_they_come_from(monkeypatch):
+    gpus = FakeGPUs(monkeypatch, 4)
+    gpus.set_device("cuda:0")  # a thread whose current device is not the tensors' (the bug: it waited there)
+    gpus.calls.clear()
+    values = [torch.arange(3.0), torch.ones(2)]
+    out = cql.tensors_to_cpu([_OnGPU(values[0], 3), _OnGPU(values[1], 3), torch.zeros(1)])
+    assert [c for c in gpus.calls if c[0] == "synchronize"] == [("synchronize", torch.device("cuda:3"))]
+    assert all(torch.equal(a, b) for a, b in zip(out, [*values, torch.zeros(1)], strict=True))
