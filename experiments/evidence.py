@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import multiprocessing
@@ -83,6 +84,10 @@ class Args:
     """DQN-Replay checkpoints the transitions are split into (a snapshot every transitions/checkpoints)"""
     data_seed: int = 0
     """seed of the recording (environments and behavior policy)"""
+    behavior: str = BEHAVIOR_POLICY
+    """the recorder's behavior policy (module:function): experiments.behavior:scripted (the first data set:
+    a good action mixed with a more frequent bad one at every step) or experiments.dqn_like:improving (the
+    second: an improving epsilon-greedy agent, like DQN-Replay's; :narrow is its epsilon-0.01 variant)"""
 
     # --- training (cql_multigame.Args; the values are ours, chosen for a 2-core CPU, see the README) ---
     arch: str = "tiny"
@@ -99,6 +104,8 @@ class Args:
     """Adam learning rate (the demo's value)"""
     target_update_every: int = 500
     """gradient steps between hard target updates (the demo's value: values propagate fast in short runs)"""
+    n_step: int = 3
+    """n-step return of the TD target (the paper's 3)"""
     cql_alpha: float = 0.001
     """CQL weight of the `cql` method (ours, chosen on training-time signals only; see
     experiments/alpha_pilot.py and the README's Results). 2,000-step pilots on seed 0, no evaluation: the
@@ -136,6 +143,9 @@ class Args:
     run; the next invocation with a later --until (or none) resumes every run from its checkpoint"""
     report_only: bool = False
     """train nothing: tabulate and plot the evaluations the runs have finished so far (n/a for the rest)"""
+    claim_se: float = 1.0
+    """the claim holds in a game where CQL's mean is above the behavior's and BC's by more than this many
+    standard errors of the difference (the first data set's runs used 1; the DQN-like target is 2)"""
     quick: bool = False
     """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (the path, not skill)"""
 
@@ -181,7 +191,7 @@ def make_data(args: Args) -> None:
     ]
     if not todo:
         return
-    print(f"recording {capacity * args.checkpoints_per_game:,} transitions of scripted behavior for "
+    print(f"recording {capacity * args.checkpoints_per_game:,} transitions of {args.behavior} for "
           f"{list(args.games)} ({todo} missing)")  # fmt: skip
     record.record(
         args.data_dir,
@@ -189,7 +199,7 @@ def make_data(args: Args) -> None:
         runs=(1,),
         num_checkpoints=args.checkpoints_per_game,
         capacity=capacity,
-        policy=BEHAVIOR_POLICY,
+        policy=args.behavior,
         seed=args.data_seed,
         overwrite=True,
         progress=not args.quick,
@@ -273,6 +283,7 @@ def train_args(args: Args, method: str, seed: int, steps: int, resume: bool):
         batch_size=args.batch_size,
         lr=args.lr,
         target_update_every=args.target_update_every,
+        n_step=args.n_step,
         log_every=min(500, steps),
         eval_every=0,
         eval_episodes=args.eval_episodes,
@@ -317,8 +328,13 @@ def run_config(args: Args, method: str) -> dict[str, Any]:
     """What a run folder's cached stages depend on, besides its method and seed (which name the folder)."""
     keys = ("games", "transitions_per_game", "checkpoints_per_game", "data_seed", "arch", "batch_size", "lr",
             "target_update_every", "eval_episodes", "eval_max_steps")  # fmt: skip
+    extra = {}  # settings added later: recorded only where they differ from what every older run used
+    if args.behavior != BEHAVIOR_POLICY:
+        extra["behavior"] = args.behavior
+    if args.n_step != 3:
+        extra["n_step"] = args.n_step
     return {**{k: list(v) if isinstance(v := getattr(args, k), tuple) else v for k in keys},
-            **method_overrides(args, method)}  # fmt: skip
+            **method_overrides(args, method), **extra}  # fmt: skip
 
 
 def check_run_config(args: Args, method: str, run_dir: Path) -> None:
@@ -474,12 +490,12 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
     final = str(args.eval_at[-1])
     table: dict[str, Any] = {}
     curves: dict[str, Any] = {}
-    from experiments import behavior as scripted
+    good_actions = importlib.import_module(args.behavior.partition(":")[0]).GOOD_ACTION
 
     greedy: dict[str, Any] = {}
     for game in args.games:
         mode = max(data_shares[game], key=data_shares[game].get)
-        good = scripted.GOOD_ACTION.get(game)
+        good = good_actions.get(game)
         greedy[game] = {"data_mode": int(mode), "good_action": good, "runs": {}}
         for name, stages in runs.items():
             if final in stages:
@@ -487,6 +503,8 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                 greedy[game]["runs"][name] = {
                     "greedy_is_data_mode": share.get(mode, 0.0),
                     "greedy_is_good_action": None if good is None else share.get(str(good), 0.0),
+                    # 1.0: one action on every dataset state (a constant policy); lower: state-dependent
+                    "greedy_mode_share": max(share.values()),
                     "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
                     "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
                 }
@@ -517,7 +535,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                 continue
             gap = cql["mean"] - o["mean"]
             se = math.sqrt((cql["se"] or 0.0) ** 2 + (o["se"] or 0.0) ** 2)
-            checks[other] = {"gap": gap, "se": se, "holds": bool(gap > se and gap > 0)}
+            checks[other] = {"gap": gap, "se": se, "holds": bool(gap > args.claim_se * se and gap > 0)}
         claim[game] = {**checks, "holds": all(c is not None and c["holds"] for c in checks.values())}
     games_holding = [g for g in args.games if claim[g]["holds"]]
     return {
@@ -643,7 +661,8 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         ax.set_title(game)
         ax.axhline(0, color="black", lw=0.5)
     axes[0][0].set_ylabel(f"return (step {args.eval_at[-1]:,})")
-    title = "Offline on scripted sub-optimal data, one network for all games (± s.e. over seeds)"
+    data = "scripted" if args.behavior == BEHAVIOR_POLICY else args.behavior.partition(":")[2] + " DQN-like"
+    title = f"Offline on {data} sub-optimal data, one network for all games (± s.e. over seeds)"
     fig.suptitle(title, fontsize=9)
     bars = save(fig, "bars.png")
 
@@ -722,7 +741,7 @@ def main(args: Args) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(repo_relative(result), indent=1))
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"
-    print(f"\nCQL above both the behavior and BC (gap > its standard error): {holds}")
+    print(f"\nCQL above both the behavior and BC (gap > {args.claim_se:g} x its standard error): {holds}")
     print(f"results: {out / 'results.json'}" + "".join(f"\nplot:    {p}" for p in result["plots"]))
     return result
 

@@ -1,0 +1,87 @@
+"""The DQN-like behavior (experiments/dqn_like.py): its policies read the right RAM, its agent improves by
+checkpoint as specified, and the recorder writes its data in the DQN-Replay format."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import atari
+import record
+import replay
+from experiments import dqn_like as dl
+
+
+def ram(**cells: int) -> np.ndarray:
+    r = np.zeros(128, np.uint8)
+    for k, v in cells.items():
+        r[int(k[1:])] = v
+    return r
+
+
+def test_breakout_late_waits_for_a_low_ball_and_the_tracker_does_not():
+    high = ram(a99=100, a101=100, a72=20)  # ball high, far right of the paddle
+    low = ram(a99=100, a101=160, a72=20)
+    assert dl.breakout_late(high) == dl.NOOP and dl.breakout_track(high) == dl.RIGHT
+    assert dl.breakout_late(low) == dl.RIGHT
+    assert dl.breakout_late(ram(a101=0)) == dl.FIRE  # no ball in play: serve
+
+
+def test_freeway_cautious_waits_only_for_a_car_near_the_next_lane():
+    y = 16 + 16 * 2  # lane 2; the next lane is 3 (RAM 111)
+    assert dl.freeway_cautious(ram(a14=y, a111=50)) == dl.NOOP
+    assert dl.freeway_cautious(ram(a14=y, a111=120)) == dl.UP
+
+
+def test_boxing_policies_differ_only_in_the_approach():
+    lined_up_far = ram(a32=10, a34=50, a33=100, a35=50)
+    assert dl.boxing_still(lined_up_far) == dl.FIRE
+    assert dl.boxing_approach(lined_up_far) == dl.RIGHT
+    assert dl.boxing_still(ram(a32=10, a34=20, a33=100, a35=50)) == dl.DOWN
+
+
+class FakeALE:
+    """Episodes of 10 steps; RAM is irrelevant to Centipede's policies (M: FIRE, G: RIGHTFIRE)."""
+
+    def __init__(self):
+        self.t = 0
+
+    def getEpisodeFrameNumber(self) -> int:  # noqa: N802 (ALE's name)
+        return 4 * (self.t % 10)
+
+    def getRAM(self) -> np.ndarray:  # noqa: N802
+        return np.zeros(128, np.uint8)
+
+
+class FakeEnv:
+    def __init__(self):
+        self.unwrapped = self
+        self.ale = FakeALE()
+
+
+def test_the_agent_improves_by_checkpoint_as_specified():
+    env = FakeEnv()
+    act = dl.improving("Centipede", env, np.random.default_rng(0))
+    legal = len(atari.legal_actions("Centipede"))
+    actions = []
+    for _ in range(dl.STEPS_PER_CHECKPOINT * len(dl.P_BETTER)):
+        actions.append(act(None))
+        env.ale.t += 1
+    actions = np.array(actions).reshape(len(dl.P_BETTER), -1)
+    for k, (p, eps) in enumerate(zip(dl.P_BETTER, dl.EPSILON, strict=True)):
+        expected = p * (1 - eps) + eps / legal  # G's action, plus the noise's share of it
+        assert abs(np.mean(actions[k] == dl.RIGHTFIRE) - expected) < 0.04, k
+    shares = [np.mean(a == dl.RIGHTFIRE) for a in actions]
+    assert shares == sorted(shares)  # the better policy's share rises from checkpoint to checkpoint
+    # whole episodes: within one 10-step episode the non-noise actions are all one policy's
+    episode = actions[3][:10]
+    assert len(set(episode) & {dl.FIRE, dl.RIGHTFIRE}) == 1
+
+
+def test_recorded_in_the_dqn_replay_format(tmp_path):
+    record.record(tmp_path, ["Freeway"], num_checkpoints=2, capacity=150,
+                  policy="experiments.dqn_like:improving", progress=False)  # fmt: skip
+    logs = tmp_path / "Freeway" / "1" / "replay_logs"
+    assert replay.list_checkpoints(logs) == [0, 1]
+    data = replay.read_checkpoint(logs, 1)
+    assert data["observation"].shape == (150, 84, 84)
+    assert set(np.unique(data["action"])) <= {0, 1, 2}  # Freeway's minimal set: NOOP, UP, DOWN
