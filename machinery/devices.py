@@ -206,6 +206,27 @@ def shard_batch(tensors: dict[str, torch.Tensor], device: torch.device, mesh: An
     return {k: out[k] for k in tensors}
 
 
+def spmd_any(flag: bool, mesh: Any) -> bool:
+    """SPMD: whether `flag` is True on any host. Each host hands over one value per device it drives (its
+    rows of a [devices] tensor sharded over 'data', as its share of a batch); the devices take the max (the
+    partitioner inserts the all-reduce across hosts) and every host reads the same answer. It is one SPMD
+    graph like a training step, so every host must call it at the same step; no other channel between
+    hosts is needed (no address, no shared file)."""
+    import torch_xla.runtime as xr
+
+    local = torch.full((xr.addressable_runtime_device_count(),), int(flag), dtype=torch.int32)
+    return bool(mesh_max(local, mesh))
+
+
+def mesh_max(local: torch.Tensor, mesh: Any) -> int:
+    """The max over all hosts' rows: `local` [this host's devices] int32 -> one int, the same on every
+    host."""
+    import torch_xla
+
+    sharded = shard_batch({"flag": local}, torch_xla.device(), mesh)["flag"]  # [all devices], sharded
+    return int(sharded.max().cpu())
+
+
 def check_spmd_args(batch_size: int, record_missing: int, processes: Processes) -> None:
     """SPMD: the global batch must split evenly over all devices (and then over hosts)."""
     if not processes.spmd:
