@@ -15,7 +15,7 @@ beside the first: per game, two deterministic state-dependent policies read from
 | Freeway | UP, but NOOP while the next lane's car is within 40 of the chicken | always UP | yes: UP |
 | Breakout | serve; go to the ball only once it is low (y >= 150), aim +-10 | track the ball always | no |
 | Boxing | line up vertically with the opponent and punch, never approach | also keep ~28 away | no |
-| Centipede | FIRE | RIGHTFIRE (sit at the right edge and shoot) | yes: RIGHTFIRE |
+| Centipede | LEFTFIRE (sit at the left edge and shoot) | RIGHTFIRE (the right edge) | yes |
 
 The agent improves across checkpoints as a learning agent's replay does: each episode is played by G with
 probability P_BETTER[k] and by M otherwise, k being the checkpoint the episode starts in, and every action is
@@ -28,6 +28,10 @@ All values here are ours, chosen before any training on this data from the retur
 0.1 -> 0.5 (DQN-Replay's own agent improves from ~0 to its final score over the run); EPSILON decays 0.2 ->
 0.05 (DQN's training epsilon decays 1.0 -> 0.01 over the first 1M steps, i.e. within checkpoint 0; ours stays
 higher so the data covers every action, and the narrow variant below keeps it at 0.01).
+
+Centipede's first M was FIRE (the centre): its report (3 episodes, no noise) scored it above G (11,606 vs
+7,791), so M became LEFTFIRE before any training on the data (LEFTFIRE 321 / 1,952 and RIGHTFIRE 5,145 / 9,231
+in two probe episodes with epsilon 0.05).
 
 RAM addresses: Breakout and Boxing follow AtariARI's annotations (Anand et al. 2019,
 atariari/benchmark/ram_annotations.py): Breakout ball_x 99, ball_y 101, paddle 72; Boxing player_x 32,
@@ -118,7 +122,7 @@ POLICIES: dict[str, tuple[Callable[[np.ndarray], int], Callable[[np.ndarray], in
     "Freeway": (freeway_cautious, lambda ram: UP),
     "Breakout": (breakout_late, breakout_track),
     "Boxing": (boxing_still, boxing_approach),
-    "Centipede": (lambda ram: FIRE, lambda ram: RIGHTFIRE),
+    "Centipede": (lambda ram: LEFTFIRE, lambda ram: RIGHTFIRE),
 }
 # G's action where it does not depend on the state (None: it does); evidence.py's diagnostics read it
 GOOD_ACTION: dict[str, int | None] = {"Freeway": UP, "Breakout": None, "Boxing": None, "Centipede": RIGHTFIRE}

@@ -40,7 +40,7 @@ def test_boxing_policies_differ_only_in_the_approach():
 
 
 class FakeALE:
-    """Episodes of 10 steps; RAM is irrelevant to Centipede's policies (M: FIRE, G: RIGHTFIRE)."""
+    """Episodes of 10 steps; RAM is irrelevant to Centipede's policies (M: LEFTFIRE, G: RIGHTFIRE)."""
 
     def __init__(self):
         self.t = 0
@@ -74,7 +74,7 @@ def test_the_agent_improves_by_checkpoint_as_specified():
     assert shares == sorted(shares)  # the better policy's share rises from checkpoint to checkpoint
     # whole episodes: within one 10-step episode the non-noise actions are all one policy's
     episode = actions[3][:10]
-    assert len(set(episode) & {dl.FIRE, dl.RIGHTFIRE}) == 1
+    assert len(set(episode) & {dl.LEFTFIRE, dl.RIGHTFIRE}) == 1
 
 
 def test_recorded_in_the_dqn_replay_format(tmp_path):
