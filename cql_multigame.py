@@ -26,79 +26,51 @@ locks, signals, flag ranges) lives in machinery/, which a reader may skip.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tyro
 
 import atari
 import record
 import replay
 import resnet
-from machinery.checkpoints import (  # noqa: F401  (re-exported: the fine-tuning scripts and users call them)
-    RESUME_KEYS,
-    RESUME_MAY_CHANGE,
-    DiskWriteError,
-    _WriteRecorder,
-    apply_optimizer_settings,
-    check_resume,
-    checkpoint_state,
-    compare_resume_args,
-    disk_error,
-    load_checkpoint,
-    load_rank_replay_state,
-    make_optimizer,
-    save_checkpoint,
-    temp_path,
-)
-from machinery.devices import (  # noqa: F401
-    BatchStream,
-    Processes,
-    _xla_spmd,
-    broadcast_initial_weights,
-    check_spmd_args,
-    data_parallel,
-    init_xla_runtime,
-    select_device,
-    setup_distributed,
-    shard_batch,
-    sync_device,
-    tensors_to_cpu,
-    to_cpu,
-    xla_metrics_line,
-)
-from machinery.flags import FLAG_RANGES, ConfigError, check_ranges, flag_name, parse_checkpoints  # noqa: F401
-from machinery.runs import (  # noqa: F401
-    IQM_CI_KIND,
-    NO_RESUME,
-    STOP_AGREE_EVERY,
-    TRAIN_SCALARS,
-    Interrupted,
-    Run,
-    RunInterrupted,
-    RunLock,
-    StopSignals,
-    agree_to_stop,
-    all_finite,
-    drop_history_after,
-    fetch_metrics,
-    format_summary,
-    log_evaluation,
-    log_training,
-    resume_command,
-    save_rank_debug,
-    stop_requested,
-    stopped_at_once,
-    write_hyperparameters,
-)
-from machinery.runs import run_script as _run_script
-from resnet import expected_q, network_from_checkpoint, support_bounds, support_from_checkpoint  # noqa: F401
+from machinery import checkpoints, devices, flags, runs
+from machinery.devices import BatchStream, Processes, _xla_spmd, sync_device
+from machinery.flags import ConfigError, MachineryArgs, parse_checkpoints
+from machinery.runs import IQM_CI_KIND, Interrupted, Run, StopSignals, stop_requested, stopped_at_once
+from resnet import expected_q
+
+# Names that lived here before the machinery moved to machinery/: they still resolve from cql_multigame
+# (cql_multigame.load_checkpoint, from cql_multigame import RunLock, ...), through __getattr__ below.
+MOVED = {
+    checkpoints: "RESUME_KEYS RESUME_MAY_CHANGE DiskWriteError _WriteRecorder apply_optimizer_settings "
+    "check_resume checkpoint_state compare_network_configs compare_resume_args disk_error load_checkpoint "
+    "load_rank_replay_state make_optimizer save_checkpoint temp_path",
+    devices: "broadcast_initial_weights check_spmd_args data_parallel init_xla_runtime select_device "
+    "setup_distributed setup_spmd shard_batch tensors_to_cpu to_cpu xla_metrics_line",
+    flags: "FLAG_RANGES check_ranges check_sizes check_support flag_name",
+    runs: "NO_RESUME STOP_AGREE_EVERY TRAIN_SCALARS RunInterrupted RunLock agree_to_stop all_finite "
+    "drop_history_after fetch_metrics format_summary log_evaluation log_training resume_command "
+    "save_rank_debug write_hyperparameters",
+    resnet: "network_from_checkpoint support_bounds support_from_checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in MOVED.items():
+        if name in names.split():
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -139,9 +111,6 @@ class Args(EvalArgs):
     """continue the run `run_name` from its last checkpoint (same next batches and losses)"""
     device: str = "auto"
     """auto (XLA if torch_xla imports, else CUDA, else MPS, else CPU), or cpu, cuda, cuda:1, mps, xla"""
-    xla_multiprocess: bool = False
-    """on TPU: start one process per TPU device with torch_xla's launcher (data parallel over cores);
-    prefer --xla-spmd"""
     xla_spmd: bool = False
     """on TPU: SPMD data parallelism, one process per host drives all its devices; every batch is split
     along its batch dim over a ('data',) mesh of all devices of all hosts (torch-xla's recommended way)"""
@@ -165,13 +134,13 @@ class Args(EvalArgs):
     fraction: float = 1.0
     """fraction of the transitions of each selected checkpoint to use"""
     memory_budget_gb: float = 32.0
-    """replay memory per process (ours); checkpoints rotate through memory when all don't fit"""
+    """replay memory per process; checkpoints rotate through memory when all don't fit"""
     reload_every: int = 0
-    """gradient steps between two swaps of a game's loaded data (ours; 0: auto, the longest period up to
+    """gradient steps between two swaps of a game's loaded data (0: auto, the longest period up to
     50,000 at which every game loads all its selected data within --total-steps)"""
     windows_per_slot: int = 5
     """when the data does not fit: windows of this many different checkpoints share each game's slot, so a
-    batch mixes them (ours: batch_rl's FixedReplayBuffer mixes 5 checkpoints; 1: one window per slot)"""
+    batch mixes them (as batch_rl's FixedReplayBuffer mixes 5 checkpoints; 1: one window per slot)"""
     plan_only: bool = False
     """print the replay plan for DQN-Replay's sizes (slots, windows per slot, reload period, data seen over
     the run, distinct checkpoints per batch) and exit; needs no data"""
@@ -218,12 +187,12 @@ class Args(EvalArgs):
     # --- speed ---
     channels_last: bool = False
     """store conv activations channels-last (faster on CUDA tensor cores, and for impala and tiny on CPU:
-    see the README's Performance section)"""
+    see docs/performance.md)"""
     bf16: bool = False
     """bfloat16 autocast for the network on CUDA/XLA; the loss math stays float32"""
     compile: bool = False
-    """torch.compile the loss computation (meant for CUDA; on CPU it gains nothing, see the README's
-    Performance section)"""
+    """torch.compile the loss computation (meant for CUDA; on CPU it gains nothing, see
+    docs/performance.md)"""
 
     # --- logging, evaluation (and EvalArgs), checkpoints ---
     log_every: int = 1000
@@ -232,11 +201,10 @@ class Args(EvalArgs):
     """gradient steps between evaluations (0: only at the end)"""
     save_every: int = 100_000
     """gradient steps between checkpoints (also written at the end)"""
-    save_all_ranks: bool = False
-    """debug: every process writes its final parameters to params_rank<r>.pt and the games of its batches
-    to batch_games_rank<r>.pt (the data-parallel tests use them)"""
     xla_metrics: bool = False
     """debug on XLA: print the graph compile/execute counts at every log interval (should stop growing)"""
+    machinery: tyro.conf.OmitArgPrefixes[MachineryArgs] = field(default_factory=MachineryArgs)
+    """--xla-multiprocess and --save-all-ranks (machinery/flags.py): no prefix on the command line"""
 
 
 PRESETS: dict[str, tuple[str, Args]] = {
@@ -515,17 +483,19 @@ def main(args: Args) -> dict[str, Any]:
         return {}
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
         # where it runs, and every check of the flags and files before any long work
-        init_xla_runtime(args.device, args.xla_spmd, args.xla_cache_dir, args.xla_multiprocess)
-        device = select_device(args.device)
-        processes = setup_distributed(device)
+        devices.init_xla_runtime(
+            args.device, args.xla_spmd, args.xla_cache_dir, args.machinery.xla_multiprocess
+        )
+        device = devices.select_device(args.device)
+        processes = devices.setup_distributed(device)
         check_args(args, processes.world_size)
-        check_spmd_args(args.batch_size, args.record_missing, processes)
+        devices.check_spmd_args(args.batch_size, args.record_missing, processes)
         run_dir = choose_run_dir(args)
-        resume_ckpt = checkpoint_to_resume(args, run_dir)  # None for a new run
+        resume_ckpt = checkpoints.checkpoint_to_resume(run_dir, args)  # None for a new run
         if processes.is_first:  # one writer per run folder; also finds an unwritable --runs-dir now
-            cleanup.enter_context(RunLock(run_dir))
+            cleanup.enter_context(runs.RunLock(run_dir))
         if args.record_missing > 0 and processes.is_first:
-            record_missing_games(args)
+            record.record_missing(args.data_dir, args.games, args.runs, args.record_missing, args.seed)
         processes.barrier()
 
         # the data, the network, its target copy and Adam (Sec. 4, Appendix B.3)
@@ -536,13 +506,15 @@ def main(args: Args) -> dict[str, Any]:
         net = resnet.QNetwork(num_games=len(args.games), arch=args.arch, num_atoms=args.num_atoms).to(device)
         net = net.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         target_net = resnet.target_network(net)  # its weights are set below (a resumed run's target)
-        optimizer = make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
+        optimizer = checkpoints.make_optimizer(net.parameters(), args.lr, args.adam_eps, device)
         step = 0
         if resume_ckpt is not None:  # weights, Adam, sampler and torch RNG: the same next batches
-            step = restore(resume_ckpt, net, optimizer, data, args, processes, run_dir)
+            step = checkpoints.restore(
+                resume_ckpt, net, optimizer, data, args.lr, args.adam_eps, processes.rank, run_dir
+            )
         if processes.is_first:  # after a resume: with the checkpoints excluded so far
             print(data.plan_summary())
-        broadcast_initial_weights(net, processes)
+        devices.broadcast_initial_weights(net, processes)
         target_net.load_state_dict(resume_ckpt["target"] if resume_ckpt is not None else net.state_dict())
         learner = Learner(
             net, target_net, optimizer,
@@ -550,24 +522,26 @@ def main(args: Args) -> dict[str, Any]:
             legal_table=legal_action_table(args.games).to(device),  # [G, A]
             cql_alpha=args.cql_alpha, td_weight=args.td_weight, double_q=args.double_q,
             bf16=args.bf16 and device.type in ("cuda", "xla"),
-            model=data_parallel(net, processes, device),
+            model=devices.data_parallel(net, processes, device),
             loss_fn=torch.compile(compute_loss) if args.compile else compute_loss,
         )  # fmt: skip
 
         # the loop, then the final evaluation
         if processes.is_first:
-            print_start(args, device, processes, net, run_dir)
-        run = Run(args, run_dir, list(args.games), processes, resume_command(run_dir, "cql_multigame.py"),
-                  play=evaluate_games)  # fmt: skip
+            millions = resnet.count_parameters(net)["total"] / 1e6
+            print(f"device {device}, {processes.world_size} process(es), {args.arch}: {millions:.2f}M "
+                  f"parameters; logs and checkpoint in {run_dir}")  # fmt: skip
+        again = runs.resume_command(run_dir, "cql_multigame.py")
+        run = Run(args, run_dir, list(args.games), processes, again, play=evaluate_games)
         run.open(step, resumed=resume_ckpt is not None, xla_metrics=args.xla_metrics and device.type == "xla")
         cleanup.callback(run.close)
         stream = BatchStream(data, args.batch_size // processes.world_size, device, args.prefetch,
                              mesh=processes.mesh)  # fmt: skip
-        stream.games_seen = [] if args.save_all_ranks else None
+        stream.games_seen = [] if args.machinery.save_all_ranks else None
         step = train(args, learner, stream, run, stop, step)
         data.close()  # the loader stops before the final evaluation
-        if args.save_all_ranks:
-            save_rank_debug(run_dir, net, stream, processes.rank)
+        if args.machinery.save_all_ranks:
+            runs.save_rank_debug(run_dir, net, stream, processes.rank)
         result = run.final_evaluation(learner, step, stop)
         summary: dict[str, Any] = {"step": step, "run_dir": str(run_dir)}
         if processes.is_first:
@@ -579,36 +553,8 @@ def main(args: Args) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# main's set-up: resume, the replay, the start line
+# main's set-up: the run folder, the replay, the plan (resume: machinery/checkpoints.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def checkpoint_to_resume(args: Args, run_dir: Path) -> dict[str, Any] | None:
-    """With --resume: the run's checkpoint, checked against the flags (one sentence for each mismatch).
-    Without: None, after checking that the run folder holds no checkpoint that a new run would overwrite."""
-    ckpt_path = run_dir / "checkpoint.pt"
-    if not args.resume:
-        if ckpt_path.exists():
-            raise ConfigError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue it or another "
-                "--run-name to start a new run."
-            )
-        return None
-    if not ckpt_path.is_file():
-        raise ConfigError(
-            f"--resume found no checkpoint at {ckpt_path}; start the run without --resume "
-            "or pass the --run-name of an earlier run."
-        )
-    ckpt = load_checkpoint(ckpt_path, require=RESUME_KEYS, purpose="--resume")
-    if ckpt["net_config"]["arch"] != args.arch:
-        raise ConfigError(
-            f"{ckpt_path} holds a {ckpt['net_config']['arch']} network but --arch is "
-            f"{args.arch}; resume with --arch {ckpt['net_config']['arch']}."
-        )
-    if list(ckpt["games"]) != list(args.games):
-        raise ConfigError(f"{ckpt_path} was trained on other --games; resume with the same games.")
-    check_resume(ckpt, args, run_dir)
-    return ckpt
 
 
 def make_replay(args: Args, processes: Processes) -> replay.MultiGameReplay:
@@ -631,56 +577,11 @@ def make_replay(args: Args, processes: Processes) -> replay.MultiGameReplay:
     )
 
 
-def restore(
-    ckpt: dict[str, Any],
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: replay.MultiGameReplay,
-    args: Args,
-    processes: Processes,
-    run_dir: Path,
-) -> int:
-    """--resume: the checkpoint's weights, Adam state (with this run's --lr/--adam-eps), this process's
-    sampler state and the torch RNG; returns the checkpoint's step."""
-    net.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    step = int(ckpt["step"])
-    changed = apply_optimizer_settings(optimizer, args.lr, args.adam_eps)  # train with what is recorded
-    if changed and processes.is_first:
-        print(f"resuming at step {step:,} with {', '.join(changed)}: applied to the restored Adam")
-    data.load_state_dict(
-        ckpt["replay"] if processes.rank == 0 else load_rank_replay_state(run_dir, processes.rank, step)
-    )
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return step
-
-
-def print_start(
-    args: Args, device: torch.device, processes: Processes, net: resnet.QNetwork, run_dir: Path
-) -> None:
-    """The first line of a run: where it trains, how big the network is, where its files go."""
-    counts = resnet.count_parameters(net)
-    print(
-        f"device {device}, {processes.world_size} process(es), {args.arch}: "
-        f"{counts['total'] / 1e6:.2f}M parameters; logs and checkpoint in {run_dir}"
-    )
-
-
 def choose_run_dir(args: Args) -> Path:
-    """runs/<run_name>. Without --run-name: scaledql_<arch>_<G>games_seed<s>, then _2, _3, ... so that
-    running the same command again starts a new run instead of touching an old one; with --resume, the
-    newest of those that holds a checkpoint. Every process computes the same name (nothing is created yet).
-    """
-    root = Path(args.runs_dir)
-    if args.run_name:
-        return root / args.run_name
+    """runs/<run_name>, or without --run-name scaledql_<arch>_<G>games_seed<s> (then _2, _3, ...; with
+    --resume the newest that holds a checkpoint): machinery.runs.run_folder."""
     base = f"scaledql_{args.arch}_{len(args.games)}games_seed{args.seed}"
-    names = [base]
-    while (root / names[-1] / "checkpoint.pt").exists():
-        names.append(f"{base}_{len(names) + 1}")
-    if args.resume and len(names) > 1:
-        return root / names[-2]  # the newest run with a checkpoint
-    return root / names[-1]
+    return runs.run_folder(args.runs_dir, args.run_name, base, args.resume)
 
 
 def replay_plan(args: Args, world_size: int = 1) -> str:
@@ -768,14 +669,8 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
 
 
 def check_flags(args: Any) -> None:
-    """The checks every training script runs first, on whichever of these flags it has: --arch (when
-    set), every numeric flag's range (check_ranges) and --checkpoints."""
-    arch = getattr(args, "arch", "")
-    if arch and arch not in resnet.ARCHS:
-        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(resnet.ARCHS)}.")
-    check_ranges(args)
-    if hasattr(args, "checkpoints"):
-        parse_checkpoints(args.checkpoints)
+    """The checks every training script runs first (machinery.flags.check_flags, with resnet's archs)."""
+    flags.check_flags(args, resnet.ARCHS)
 
 
 def check_game(game: str, flag: str = "--game") -> str:
@@ -786,46 +681,18 @@ def check_game(game: str, flag: str = "--game") -> str:
         raise ConfigError(f"{flag}: {e}") from None
 
 
+def check_games(games: tuple[str, ...] | list[str], flag: str = "--games") -> tuple[str, ...]:
+    """The canonical CamelCase names of `games` (breakout -> Breakout), each listed once."""
+    canonical = tuple(check_game(g, flag) for g in games)
+    flags.check_listed_once(canonical, games, flag)
+    return canonical
+
+
 def check_args(args: Args, world_size: int) -> None:
     """cql_multigame.py's flags (check_flags, then the games and the batch), before any long work."""
     check_flags(args)
-    for game in args.games:
-        check_game(game, "--games")
-    if len(set(args.games)) != len(args.games):
-        raise ConfigError("--games lists a game twice; every game gets one head, list each once.")
-    if args.batch_size % world_size:
-        raise ConfigError(
-            f"--batch-size {args.batch_size} does not split over {world_size} processes; "
-            f"use a multiple of {world_size}."
-        )
-    if args.batch_size < len(args.games):  # each process samples a rotating subset of the games
-        raise ConfigError(
-            f"--batch-size {args.batch_size} is smaller than the {len(args.games)} games; every global "
-            f"batch needs each game, use at least {len(args.games)}."
-        )
-    if args.v_min >= args.v_max:
-        raise ConfigError("--v-min must be below --v-max.")
-
-
-def record_missing_games(args: Args) -> None:
-    """The demo's cached dataset: record random-policy data for games that have none yet."""
-    data_dir = Path(args.data_dir)
-    missing = [g for g in args.games if not any((data_dir / g).glob("*/replay_logs/add_count_ckpt.*.gz"))]
-    if not missing:
-        return
-    print(
-        f"recording {args.record_missing:,} random-policy transitions for {', '.join(missing)} "
-        f"into {data_dir} (once; later runs reuse it)"
-    )
-    record.record(
-        data_dir,
-        missing,
-        runs=args.runs,
-        num_checkpoints=1,
-        capacity=args.record_missing,
-        policy="random",
-        seed=args.seed,
-    )
+    args.games = check_games(args.games)  # canonical, as the data folders and checkpoints spell them
+    flags.check_batch(args.batch_size, world_size, len(args.games))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -835,30 +702,20 @@ def record_missing_games(args: Args) -> None:
 
 def cli(argv: list[str] | None = None) -> Args:
     """`python cql_multigame.py PRESET [--flag value ...]`, PRESET one of PRESETS."""
-    import tyro
-
     return tyro.extras.overridable_config_cli(PRESETS, args=argv)
 
 
-def _xla_worker(index: int, args: Args) -> None:
-    """torch_xla.launch calls this in every process, with the process index first."""
-    main(args)
-
-
 def run(args: Args) -> None:
-    """`main` (or, with --xla-multiprocess, one `main` per TPU device), user mistakes as one line."""
-    run_script(_launch_xla if args.xla_multiprocess else main, args)
-
-
-def _launch_xla(args: Args) -> None:
-    import torch_xla
-
-    torch_xla.launch(_xla_worker, args=(args,))
+    """`main` (with --xla-multiprocess one per TPU device: machinery.devices.launch), user mistakes as one
+    line."""
+    run_script(
+        functools.partial(devices.launch, main, xla_multiprocess=args.machinery.xla_multiprocess), args
+    )
 
 
 def run_script(main: Any, args: Any) -> None:
     """machinery.runs.run_script; atari.py's user mistakes (a mode, a difficulty) are one line too."""
-    _run_script(main, args, user_errors=(atari.AtariConfigError,))
+    runs.run_script(main, args, user_errors=(atari.AtariConfigError,))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class Args(EvalArgs):
     Paper: about 1% of the game's data, about 2M transitions. Ours: 1% of all 51 checkpoints of all
     5 runs, 2.55M transitions."""
     memory_budget_gb: float = 32.0
-    """replay memory (ours); the default selection, 2.55M transitions, is ~18 GB and stays resident"""
+    """replay memory; the default selection, 2.55M transitions, is ~18 GB and stays resident"""
     prefetch: int = 2
     """batches sampled ahead by a background thread (0: sample inside the loop)"""
 
@@ -243,7 +243,7 @@ def fine_tune(
     run.close()
     summary = {"game": game, "variant": run_kind(args), "init": describe(args), "step": step}
     summary.update(run_dir=str(run_dir), **result["games"][game])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    replay.write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -330,7 +330,7 @@ def main(args: Args) -> dict[str, Any]:
 
         out: dict[str, Any] = {"runs": summaries, "transitions": transitions}
         if args.compare:
-            (base / "compare.json").write_text(json.dumps(out, indent=2))
+            replay.write_file(base / "compare.json", json.dumps(out, indent=2))
             print(f"\nTensorBoard: tensorboard --logdir {base}; both runs: {base / 'compare.json'}\n")
             print(compare_table(summaries[0], summaries[1], transitions))
         return out

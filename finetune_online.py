@@ -84,18 +84,21 @@ class Args(EvalArgs):
     resume: bool = False
     """continue the run `run_name` from its last save (network, optimizer, replay, counters; `save_every`)"""
     save_every: int = 500_000
-    """agent steps between saves of everything --resume needs (ours; the replay is saved too: ~7 KB per
+    """agent steps between saves of everything --resume needs (the replay is saved too: ~7 KB per
     stored transition, gzip level 1); a save also happens at the end"""
     log_replay_dir: str = ""
     """if set, log every env's replay in the DQN-Replay format as batch_rl's logged replay buffer wrote it:
     <dir>/<Game>/<env + 1>/replay_logs/, checkpoint k each time that env's buffer fills, the final partial
-    buffer at the end, and the episode returns of each checkpoint beside it (see ReplayLogger)"""
+    buffer at the end, and the episode returns of each checkpoint beside it (see ReplayLogger). A folder that
+    already holds logs of the game is refused unless this is a --resume of the run that wrote them"""
+    log_replay_overwrite: bool = False
+    """start a new run's --log-replay-dir over: delete the game's logs already there first"""
 
     # --- environment (atari.py; Dopamine's protocol) ---
     total_env_steps: int = 3_000_000
     """budget of agent steps (4 frames each), summed over all envs (ours: a short online budget)"""
     num_envs: int = 8
-    """envs stepped together with one batched forward per step (ours)"""
+    """envs stepped together with one batched forward per step"""
     sticky_actions: float = 0.25
     """sticky-action probability (DQN-Replay / Dopamine protocol)"""
     max_episode_steps: int = 27_000
@@ -155,7 +158,7 @@ class Args(EvalArgs):
 # Checks and the network
 # ----------------------------------------------------------------------------------------------------
 
-MIN_BUFFER_PER_ENV = 100  # ours: far above stack + n_step, so every env's buffer always has valid indices
+MIN_BUFFER_PER_ENV = 100  # far above stack + n_step, so every env's buffer always has valid indices
 
 
 def check_args(args: Args) -> str:
@@ -174,6 +177,23 @@ def check_args(args: Args) -> str:
             "it gives the architecture)."
         )
     return game
+
+
+def check_resume(
+    saved: dict[str, Any], args: Args, net: resnet.QNetwork, ckpt: dict[str, Any], run_dir: Path
+) -> None:
+    """--resume continues the same run: cql_multigame's checker (one sentence naming every run-defining flag
+    that differs: --game, --n-step, --buffer-size, --num-envs, ...), plus the network and the C51 support
+    that --checkpoint gives now against the run's, and --total-env-steps not below the steps it reached."""
+    other = cql_multigame.compare_network_configs(saved["net_config"], net.config(), "--checkpoint")
+    now, then = cql_multigame.support_bounds(ckpt)[:2], cql_multigame.support_bounds(saved)[:2]
+    if now != then:
+        other.append(
+            f"the C51 support [{now[0]}, {now[1]}] of --checkpoint (the run used [{then[0]}, {then[1]}])"
+        )
+    cql_multigame.check_resume(
+        saved, args, run_dir, other, length="total_env_steps", reached=int(saved["online"]["env_steps"])
+    )
 
 
 def build_network(
@@ -257,6 +277,52 @@ class ReplayLogger:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_count = [int(c) for c in state["log_count"]]
         self.returns = [[float(r) for r in rs] for rs in state["returns"]]
+
+
+def prepare_log_replay_dir(root: Path, game: str, num_envs: int, resuming: bool, overwrite: bool) -> None:
+    """Before any acting: --log-replay-dir holds no earlier logs of `game` (one run's data is one agent's),
+    unless this run is resuming the run that wrote them, or --log-replay-overwrite deletes them; and every
+    env's log folder can be written (found now, not at the first snapshot a million steps in)."""
+    replay.remove_stale_temp_files(root / game)  # of killed writers on this host
+    dirs = sorted(d for d in (root / game).glob("*/replay_logs") if d.is_dir())
+    held = [d for d in dirs if any(d.glob("*_ckpt.*"))]
+    if held and not resuming:
+        if not overwrite:
+            names = ", ".join(str(d.parent.name) for d in held)
+            raise ConfigError(
+                f"--log-replay-dir {root} already holds {game} logs (run folders {names}); pass another "
+                "--log-replay-dir, --resume to continue the run that wrote them, or --log-replay-overwrite "
+                "to delete them first."
+            )
+        for d in held:  # the replay files only; anything else a user put there stays
+            for f in d.glob("*_ckpt.*"):
+                f.unlink()
+    probe = root / game / "1" / "replay_logs" / ".write_test"
+    try:
+        for i in range(num_envs):
+            (root / game / str(i + 1) / "replay_logs").mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write in --log-replay-dir {root} ({e.strerror or type(e).__name__}); pass a writable "
+            "folder."
+        ) from None
+
+
+def log_write_failed(error: Exception, save: Any, when: str, resume_with: str) -> ConfigError:
+    """A replay log write failed (full disk, permission): save the run with `save` (unless None: already
+    saved), and return the one sentence to stop with."""
+    what = str(error).rstrip(".")
+    if save is not None:
+        try:
+            save()
+        except cql_multigame.DiskWriteError as e:
+            return ConfigError(f"{what}; saving the run {when} failed too: {str(e).rstrip('.')}.")
+    return ConfigError(
+        f"{what}; the run was saved {when} (the snapshot that failed is not in the log); free space, then "
+        f"{resume_with}"
+    )
 
 
 def save_buffers(buffers: list[replay.FrameBuffer], directory: Path, suffix: int, n_step: int) -> None:
@@ -443,6 +509,7 @@ def main(args: Args) -> dict[str, Any]:
     the envs are closed however it ends."""
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
         game = check_args(args)
+        args = dataclasses.replace(args, game=game)  # the canonical name, as the checkpoint records it
         device = cql_multigame.select_device(args.device)
         envs = atari.make_vec_env(  # checks --mode/--difficulty (the error lists the valid ones)
             game,
@@ -476,12 +543,14 @@ def train_online(
         resume = cql_multigame.load_checkpoint(state_path)
         if "online" not in resume:
             raise ConfigError(f"{state_path} was not saved by finetune_online.py; it cannot be resumed here.")
+        check_resume(resume, args, net, ckpt, run_dir)
     elif state_path.exists():
         raise ConfigError(
             f"{run_dir} holds an unfinished run; pass --resume to continue it or another --run-name."
         )
-    v_min, v_max, _ = cql_multigame.support_bounds(ckpt)  # recorded in this run's checkpoint too
-    support = cql_multigame.support_from_checkpoint(ckpt, device)  # [K]
+    support = cql_multigame.support_from_checkpoint(
+        ckpt, device
+    )  # [K], recorded in this run's checkpoint too
 
     net = net.to(device)
     if args.freeze_trunk:
@@ -501,9 +570,15 @@ def train_online(
         net.load_state_dict(resume["model"])
         target_net.load_state_dict(resume["target"])
         optimizer.load_state_dict(resume["optimizer"])
+        changed = cql_multigame.apply_optimizer_settings(optimizer, args.lr, args.adam_eps)  # as recorded
+        if changed:
+            print(f"resuming with {', '.join(changed)}: applied to the restored Adam")
         torch.set_rng_state(resume["rng"]["torch"])
         rng.bit_generator.state = online_state["numpy_rng"]
         buffers = load_buffers(args, legal.tolist(), run_dir / "replay_state", online_state["buffer_suffix"])
+    if args.log_replay_dir:
+        prepare_log_replay_dir(Path(args.log_replay_dir), game, args.num_envs, resume is not None,
+                               args.log_replay_overwrite)  # fmt: skip
     logger = ReplayLogger(args.log_replay_dir, game, buffers, args.n_step) if args.log_replay_dir else None
     if logger is not None and resume is not None:
         logger.load_state_dict(resume["online"]["logger"])
@@ -525,14 +600,16 @@ def train_online(
 
     evaluations: list[dict[str, Any]] = [] if resume is None else list(resume["online"]["evaluations"])
 
-    def run_eval(at: int) -> None:
+    def run_eval(at: int) -> bool:
+        """Evaluate the network at `at` env steps; False when a signal dropped it (the run then stops, and
+        the evaluation is redone on resume: run_dropped_eval)."""
         try:
             with stop.abandonable():  # a signal drops the evaluation, not the training
                 result = evaluate_variant(net, game, support, args, seed=args.seed + at)
         except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
             if stop.signum is None:
                 raise
-            return
+            return False
         result["env_steps"] = at
         evaluations.append(result)
         writer.add_scalar(f"eval/{game}/return", result["mean_return"], at)
@@ -540,6 +617,7 @@ def train_online(
             writer.add_scalar(f"eval/{game}/hns", result["hns"], at)
         hns = "" if result["hns"] is None else f", human-normalized {result['hns']:.3f}"
         progress.write(f"evaluation at {at:,} env steps: mean return {result['mean_return']:.1f}{hns}")
+        return True
 
     env_steps = vec_steps = updates = resumes = 0
     next_eval, next_save = args.eval_every, args.save_every
@@ -569,8 +647,10 @@ def train_online(
             "next_save": next_save, "resumes": resumes, "evaluations": evaluations, "buffer_suffix": saves,
             "numpy_rng": rng.bit_generator.state, "logger": logger.state_dict() if logger else None,
         }  # fmt: skip
-        saved = {**dataclasses.asdict(args), "v_min": v_min, "v_max": v_max}
-        state = cql_multigame.checkpoint_state(net, target_net, optimizer, updates, saved, [game], {})
+        saved = dataclasses.asdict(args)
+        state = cql_multigame.checkpoint_state(
+            net, target_net, optimizer, updates, saved, [game], {}, support
+        )
         cql_multigame.save_checkpoint(state_path, {**state, "online": online})
         for old in (run_dir / "replay_state").glob(f"env*/*_ckpt.{saves - 1}.gz"):
             old.unlink()
@@ -579,8 +659,22 @@ def train_online(
     resume_with = f"resume with: {cql_multigame.resume_command(run_dir, 'finetune_online.py')}"
 
     try:
-        if args.eval_every and resume is None:
-            run_eval(0)  # the zero-shot score on the variant
+        if args.eval_every and resume is None and not run_eval(0):  # the zero-shot score on the variant
+            raise RunInterrupted(
+                f"interrupted by {stop.name} during the zero-shot evaluation, before any training: nothing "
+                "was saved; start the run again with the same command (without --resume)",
+                stop.signum,
+            )
+        if args.eval_every and next_eval <= env_steps < args.total_env_steps:  # one a signal dropped
+            progress.write(f"redoing the evaluation at {env_steps:,} env steps that the interruption dropped")
+            if not run_eval(env_steps):
+                raise RunInterrupted(
+                    f"interrupted by {stop.name} during the evaluation at {env_steps:,} env steps: "
+                    f"{state_path} is unchanged; {resume_with}",
+                    stop.signum,
+                )
+            while next_eval <= env_steps:
+                next_eval += args.eval_every
         stop.abandon = False  # a signal lets the current vector step finish; the loop then saves and stops
         # [N, 4, 84, 84]; env i seeded with seed + i by make_vec_env (after a resume: new seeds, new episodes)
         obs, _ = envs.reset(seed=None if resume is None else args.seed + 100_003 * resumes)
@@ -603,7 +697,12 @@ def train_online(
                 finished[int(i)] = float(episode_return[i])
                 episode_return[i], episode_length[i] = 0.0, 0
             if logger is not None:
-                logger.after_step(finished)
+                try:
+                    logger.after_step(finished)
+                except replay.ReplayWriteError as e:  # the run is saved first, then it stops
+                    raise log_write_failed(
+                        e, save_state, f"at {env_steps:,} env steps", resume_with
+                    ) from None
 
             # One gradient step per train_every agent steps after learning_starts. Every buffer can be
             # sampled once each env has added more than n_step transitions (vec_steps > n_step).
@@ -639,10 +738,10 @@ def train_online(
 
             if args.eval_every and env_steps >= next_eval and env_steps < args.total_env_steps:
                 start = time.perf_counter()
-                run_eval(env_steps)
+                if run_eval(env_steps):  # else dropped by a signal: saved as due, redone on resume
+                    while next_eval <= env_steps:
+                        next_eval += args.eval_every
                 eval_time += time.perf_counter() - start
-                while next_eval <= env_steps:
-                    next_eval += args.eval_every
             if args.save_every and env_steps >= next_save and env_steps < args.total_env_steps:
                 while next_save <= env_steps:
                     next_save += args.save_every
@@ -654,11 +753,12 @@ def train_online(
                     f"saved to {state_path} (network, replay, counters); {resume_with}",
                     stop.signum,
                 )
-        stop.abandon = True
         train_time = max(time.perf_counter() - loop_start - eval_time, 1e-9)
         # the final network (a cql_multigame.py checkpoint with one head) and its replay, saved before the
-        # final evaluation so that an interrupt there keeps it (and --resume goes straight to that evaluation)
+        # final evaluation so that an interrupt there keeps it (--resume goes straight to that evaluation);
+        # a first signal during this save lets it finish, a second stops at once
         save_state()
+        stop.abandon = True
         run_eval(env_steps)
         if stop.signum is not None:
             raise RunInterrupted(
@@ -667,7 +767,10 @@ def train_online(
                 stop.signum,
             )
         if logger is not None:
-            logger.final()
+            try:
+                logger.final()
+            except replay.ReplayWriteError as e:  # the final save is done: a resume writes it again
+                raise log_write_failed(e, None, "at the end", resume_with) from None
     except Interrupted as e:  # a second signal inside a step (or a save): what it cut is not saved
         what_next = f"the last save is {state_path} if it exists; {resume_with}"
         raise cql_multigame.stopped_at_once(e, f"at {env_steps:,} env steps", what_next) from None
@@ -692,7 +795,7 @@ def train_online(
         "run_dir": str(run_dir),
     }
     writer.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    replay.write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_table(game, args, evaluations))
     print(
         f"\n{env_steps:,} env steps, {updates:,} updates: {summary['env_steps_per_second']:.0f} env steps/s, "

@@ -31,6 +31,8 @@ from machinery.dqn_files import (
     ReplayWriteError,
     _scan_suffixes,
     list_checkpoints,
+    remove_stale_temp_files,
+    scan_checkpoint,
     temp_path,
     write_episode_returns,
 )
@@ -138,7 +140,7 @@ def _record_one(job: dict[str, Any], report: Callable[[int], None] | None = None
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ours: batch-1 acting is much faster on one thread (README, Performance)
+    torch.set_num_threads(1)  # batch-1 acting is much faster on one thread (docs/performance.md)
     try:
         return _record_stream(job, report)
     finally:
@@ -205,6 +207,7 @@ def record(
     max_episode_steps: int = 27_000,
     num_workers: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Play each game under `policy` and write DQN-Replay checkpoints to <out_dir>/<Game>/<run>/replay_logs/.
@@ -214,13 +217,23 @@ def record(
     checkpoints hold disjoint data and the padding puts the cursor mid-buffer). Rewards are clipped to
     [-1, 1]; game over and the max_episode_steps cut are both terminal. num_workers processes record
     (game, run) pairs in parallel (0: one per pair, at most the CPU count). Returns the directories.
+
+    resume: continue an interrupted recording with the same arguments: a (game, run) stream whose
+    num_checkpoints checkpoints of `capacity` are all there is kept, every other one is recorded again from
+    its start (its seeds give the same episodes). Temporary files of killed writers are removed first.
     """
     import atari
 
     try:
-        games = [atari.check_game(g) for g in games]
+        canonical = [atari.check_game(g) for g in games]
     except ValueError as e:
         raise ReplayDataError(str(e)) from None
+    for i, game in enumerate(canonical):
+        if game in canonical[:i]:  # two streams would write one folder at once
+            raise ReplayDataError(
+                f"--games lists {game} twice; list each game once (--runs makes more streams of a game)."
+            )
+    games = canonical
     if capacity < 2 * STACK or num_checkpoints < 1:
         raise ReplayDataError(f"capacity {capacity} must be >= {2 * STACK} and num_checkpoints >= 1.")
     if policy != "random" and not Path(policy).is_file() and not _is_scripted(policy):
@@ -232,13 +245,18 @@ def record(
     if policy != "random" and not _is_scripted(policy):
         load_policy(policy)  # a truncated or foreign checkpoint: one sentence now, not in a worker
     _check_writable(Path(out_dir))
-    jobs = []
+    jobs, kept = [], []
     for gi, game in enumerate(games):
         for run in runs:
             logs = Path(out_dir) / game / str(run) / "replay_logs"
-            if _scan_suffixes(logs) and not overwrite:
+            remove_stale_temp_files(logs, recursive=False)  # of killed recorders on this host
+            if resume and _stream_complete(logs, num_checkpoints, capacity):
+                kept.append(logs)
+                continue
+            if _scan_suffixes(logs) and not (overwrite or resume):
                 raise ReplayDataError(
-                    f"{logs} already holds checkpoints; pass --overwrite or other --out-dir."
+                    f"{logs} already holds checkpoints; pass --resume to continue an interrupted recording, "
+                    "--overwrite to record it again, or another --out-dir."
                 )
             jobs.append(
                 dict(
@@ -288,7 +306,33 @@ def record(
         raise
     finally:
         bar.close()
-    return [Path(p) for p in out]
+    return kept + [Path(p) for p in out]
+
+
+def record_missing(
+    data_dir: str | Path, games: Sequence[str], runs: Sequence[int], capacity: int, seed: int
+) -> None:
+    """The demo's cached dataset (cql_multigame.py --record-missing): `capacity` random-policy transitions
+    for each game that has no data in `data_dir` yet."""
+    data_dir = Path(data_dir)
+    missing = [g for g in games if not any((data_dir / g).glob("*/replay_logs/add_count_ckpt.*.gz"))]
+    if not missing:
+        return
+    print(
+        f"recording {capacity:,} random-policy transitions for {', '.join(missing)} "
+        f"into {data_dir} (once; later runs reuse it)"
+    )
+    record(data_dir, missing, runs=runs, num_checkpoints=1, capacity=capacity, policy="random", seed=seed)
+
+
+def _stream_complete(logs: Path, num_checkpoints: int, capacity: int) -> bool:
+    """Whether `logs` holds checkpoints 0..num_checkpoints-1, each of `capacity` rows (a finished stream)."""
+    if not set(range(num_checkpoints)) <= set(list_checkpoints(logs)):
+        return False
+    try:
+        return all(scan_checkpoint(logs, k).capacity == capacity for k in range(num_checkpoints))
+    except ReplayDataError:
+        return False
 
 
 def _submit_ignoring_sigint(pool: Any, jobs: list[dict[str, Any]]) -> list[Any]:
@@ -334,16 +378,15 @@ class Args:
     """Record DQN-Replay-format data: python record.py --out-dir data/demo --games Pong Breakout"""
 
     out_dir: str = "data/recorded"
-    """folder that receives <Game>/<run>/replay_logs/ (the layout of gs://atari-replay-datasets/dqn); default
-    ours"""
+    """folder that receives <Game>/<run>/replay_logs/ (the layout of gs://atari-replay-datasets/dqn)"""
     games: tuple[str, ...] = ("Pong",)
-    """games to record (ALE / DQN-Replay names, e.g. MsPacman); default ours, a demo"""
+    """games to record (ALE / DQN-Replay names, e.g. MsPacman); the default is a demo's"""
     runs: tuple[int, ...] = (1,)
     """run folder names; each run is an independent stream with its own seed"""
     num_checkpoints: int = 1
-    """snapshots per run (suffixes 0, 1, ...); default ours, a demo (DQN-Replay: 51, suffixes 0..50)"""
+    """snapshots per run (suffixes 0, 1, ...); the default is a demo's (DQN-Replay: 51, suffixes 0..50)"""
     capacity: int = 100_000
-    """transitions per checkpoint = agent steps between snapshots; default ours, a demo (DQN-Replay:
+    """transitions per checkpoint = agent steps between snapshots; the default is a demo's (DQN-Replay:
     1,000,000)"""
     policy: str = "random"
     """behavior policy: random (uniform over legal actions), a checkpoint.pt of cql_multigame.py
@@ -360,6 +403,9 @@ class Args:
     """processes recording (game, run) pairs in parallel (0: one per pair, up to the CPU count)"""
     overwrite: bool = False
     """replace checkpoints that already exist in --out-dir"""
+    resume: bool = False
+    """continue an interrupted recording (the same flags): finished (game, run) streams are kept, the others
+    are recorded again from their start, which gives the same data"""
 
 
 def main(args: Args) -> None:
@@ -381,14 +427,21 @@ def main(args: Args) -> None:
             args.out_dir, args.games, args.runs, num_checkpoints=args.num_checkpoints, capacity=args.capacity,
             policy=args.policy, epsilon=args.epsilon, seed=args.seed, sticky_actions=args.sticky_actions,
             max_episode_steps=args.max_episode_steps, num_workers=args.num_workers, overwrite=args.overwrite,
+            resume=args.resume,
         )  # fmt: skip
     except (ReplayDataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        import shlex
+
+        own = Path(sys.argv[0]).name == "record.py"
+        again = [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"] if own else ["..."]
+        command = " ".join(["python record.py", *again, "--resume"])
         print(
             f"\ninterrupted by {signal.Signals(got[0]).name}: recording stopped; complete checkpoints in "
-            f"{args.out_dir} stay, partial files were removed (rerun with --overwrite to record again).",
+            f"{args.out_dir} stay, partial files were removed; continue it with: {command} (finished "
+            "streams are kept, the others recorded again from their start: the same data)",
             file=sys.stderr,
         )
         raise SystemExit(128 + got[0]) from None

@@ -30,16 +30,15 @@ input pipeline. Windows of a checkpoint (when a whole one does not fit the budge
 from __future__ import annotations
 
 import math
-import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from machinery.dqn_files import (  # noqa: F401  (the format's names, re-exported: users call them from replay)
+from machinery import dqn_files, streaming
+from machinery.dqn_files import (
     DOWNLOAD_HINT,
     DQN_REPLAY_CAPACITY,
     DQN_REPLAY_SUFFIXES,
@@ -51,35 +50,44 @@ from machinery.dqn_files import (  # noqa: F401  (the format's names, re-exporte
     SUBOPTIMAL_SUFFIXES,
     CheckpointInfo,
     ReplayDataError,
-    ReplayWriteError,
     _check_header,
     _file_path,
     _GzipNpy,
     _scan_suffixes,
     _warn_once,
-    dopamine_invalid_range,
-    list_checkpoints,
     read_checkpoint,
-    read_episode_ends,
-    read_episode_returns,
     scan_checkpoint,
-    temp_path,
     write_checkpoint,
-    write_episode_returns,
 )
-from machinery.streaming import (  # noqa: F401
-    _ROW_BYTES,
+from machinery.streaming import (
     RELOAD_EVERY,
     WINDOWS_PER_SLOT,
     CheckpointRange,
     StreamingSampler,
     _BackgroundLoad,
+    _dist_rank_world,
     _frame_range,
     _split_range,
     tune_malloc,
 )
 
-_temp_path = temp_path  # its earlier name
+# Names users call from replay whose code lives in machinery/ (the files, the streaming): they resolve here
+# through __getattr__ below (replay.write_checkpoint, from replay import read_checkpoint, ...).
+MOVED = {
+    dqn_files: "ReplayWriteError dopamine_invalid_range list_checkpoints open_no_follow read_episode_ends "
+    "read_episode_returns remove_stale_temp_files temp_path write_episode_returns write_file",
+    streaming: "_ROW_BYTES",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_temp_path":  # temp_path's earlier name
+        return dqn_files.temp_path
+    for module, names in MOVED.items():
+        if name in names.split():
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Dopamine's rules, vectorized
@@ -422,14 +430,6 @@ def _extra_start_and_block(
     return call * extra % num_games, (rank + call // period) % world_size
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when a process group is up, else (0, 1)."""
-    torch = sys.modules.get("torch")  # never import torch just to ask
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 # The sampler state's earlier key names (checkpoints written before they took the attributes' names) -> now.
 OLD_STATE_KEYS = {"calls": "sample_calls", "phase": "period", "next_event": "next_swap"}
 
@@ -477,9 +477,9 @@ class MultiGameReplay(StreamingSampler):
         fraction: float = 1.0,
         n_step: int = 3,
         gamma: float = 0.99,
-        memory_budget_gb: float = 32.0,  # ours: per process
-        reload_every: int = RELOAD_EVERY,  # ours: sample() calls between two sets of the same game (0: auto)
-        windows_per_slot: int = WINDOWS_PER_SLOT,  # ours: batch_rl's FixedReplayBuffer mixes 5 checkpoints
+        memory_budget_gb: float = 32.0,  # per process
+        reload_every: int = RELOAD_EVERY,  # sample() calls between two sets of the same game (0: auto)
+        windows_per_slot: int = WINDOWS_PER_SLOT,  # batch_rl's FixedReplayBuffer mixes 5 checkpoints
         total_samples: int | None = None,  # sample() calls the run will make (for reload_every=0)
         seed: int = 0,
         rank: int | None = None,
@@ -597,7 +597,7 @@ class MultiGameReplay(StreamingSampler):
             self._swap()
         game, num_valid, valid_start = self._batch_layout(batch_size)  # [B] each
         # [B] uniform within each game: floor(u * n), not Generator.integers with per-row bounds (faster; see
-        # the README's Performance section); the minimum catches the one-in-2**53 draw that rounds up to n.
+        # docs/performance.md); the minimum catches the one-in-2**53 draw that rounds up to n.
         choice = np.minimum((self._rng.random(batch_size) * num_valid).astype(np.int64), num_valid - 1)
         pos = self._valid_rows[valid_start + choice]  # [B] arena rows; stacks and n-step windows are loaded
         self._sample_calls += 1
@@ -661,66 +661,6 @@ class MultiGameReplay(StreamingSampler):
             self._swap_interval = max(1, self.reload_every // len(self._rotating))
         self._rng.bit_generator.state = state["rng"]
         self._start_next_load()
-
-    def _recheck_excluded(self, excluded: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
-        """On resume: checkpoints excluded before (missing or corrupt files found while streaming) whose
-        files were scanned fine at this start-up are taken back (the files may be back); the rest stay
-        excluded. A file still corrupt inside is found again when loaded, and excluded again."""
-        self._readmitted = sorted(k for k in excluded if k in self._infos)
-        return excluded - set(self._readmitted)
-
-    def stats(self) -> dict[str, Any]:
-        """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
-        per_game = {game: int(self._slot_num_valid[self._game_slot[g]]) for g, game in enumerate(self.games)}
-        with self._lock:
-            out = dict(self._stats)
-        return {"loaded_transitions": sum(per_game.values()), **out, "loaded_per_game": per_game}
-
-    def plan_summary(self) -> str:
-        G = len(self.games)
-        lines = [
-            f"replay plan (rank {self.rank}/{self.world_size}): {G} games x runs {list(self.runs)} x "
-            f"checkpoints {self.checkpoints!r}, fraction {self.fraction}, n_step {self.n_step}"
-        ]
-        for g, game in enumerate(self.games):
-            ckpts = sorted({(p.run, p.suffix) for p in self._ranges[g]})
-            n = sum(p.hi - p.lo for p in self._ranges[g])
-            lines.append(
-                f"  {game}: {len(ckpts)} checkpoints, {n:,} transitions ({n * FRAME_BYTES / 2**30:.2f} GiB "
-                f"of frames), {len(self._sets[g])} set(s) of up to {self._slot_frames:,} frames"
-            )
-        arena = int(self._slot_start[-1]) * _ROW_BYTES
-        lines.append(
-            f"  memory: {arena / 2**30:.2f} GiB resident of {self.budget_bytes / 2**30:.2f} GiB budget "
-            f"({_ROW_BYTES:,} B per loaded transition)"
-        )
-        if self._rotating:
-            lines.append(
-                f"  streaming: {len(self._rotating)} games rotate; every {self._swap_interval:,} samples one "
-                "game swaps in its next set (each game every "
-                f"~{self._swap_interval * len(self._rotating):,}), loaded ahead by a background thread into "
-                f"one spare slot; up to {max(self._windows_in_slot)} windows of different checkpoints per "
-                "slot"
-            )
-        else:
-            lines.append("  static: all selected data is resident, no reloads")
-        return "\n".join(lines + self._excluded_lines())
-
-    def _excluded_lines(self) -> list[str]:
-        """plan_summary's lines on excluded and re-admitted checkpoints."""
-
-        def name(k: tuple[int, ...]) -> str:
-            return f"{self.games[k[0]]} run {k[1]} checkpoint {k[2]}"
-
-        lines = []
-        with self._lock:
-            excluded = sorted(self._excluded)
-        if excluded:
-            lines.append(f"  excluded (unreadable while streaming): {', '.join(map(name, excluded))}")
-        if self._readmitted:
-            back = ", ".join(map(name, self._readmitted))
-            lines.append(f"  taken back on resume (their files read fine again): {back}")
-        return lines
 
     # --- streaming: planning slots, windows and sets --------------------------------------------------------
 
@@ -837,27 +777,6 @@ class MultiGameReplay(StreamingSampler):
         self._return[rows], self._discount[rows], self._next_offset[rows] = ret, discount, length
         ok &= (index - (STACK - 1) >= frame_lo) & (index + self.n_step < frame_hi)  # stack, window loaded
         return frame_hi - frame_lo, at + (index[ok] - frame_lo)
-
-    def _check_reward_terminal(self, reward: np.ndarray, terminal: np.ndarray, d: Path, s: int) -> None:
-        """NaN or inf rewards would poison every target that sums them: the file is refused (at start-up
-        the run stops; in the background the checkpoint is excluded). Terminal values other than 0/1 are
-        read as "episode ended" (nonzero, as Dopamine does): a warning, once per sampler."""
-        bad = np.flatnonzero(~np.isfinite(reward))
-        if len(bad):
-            raise ReplayDataError(
-                f"{_file_path(d, STORE_PREFIX + 'reward', s)} holds {len(bad):,} non-finite rewards (row "
-                f"{bad[0]}: {reward[bad[0]]}); DQN-Replay rewards are clipped to [-1, 1]: re-download or "
-                "re-record it."
-            )
-        if terminal.max(initial=0) > 1 and not self._warned_terminal:
-            self._warned_terminal = True
-            odd = sorted(set(np.unique(terminal).tolist()) - {0, 1})
-            warnings.warn(
-                f"replay: {_file_path(d, STORE_PREFIX + 'terminal', s)} holds terminal values other than 0 "
-                f"and 1 ({', '.join(map(str, odd[:5]))}); every nonzero value is read as the end of an "
-                "episode (shown once; other files may hold them too).",
-                stacklevel=2,
-            )
 
     def _batch_layout(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For this call: each row's game [B] (this rank's rows of the global batch, see rank_batch_games),

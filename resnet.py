@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from machinery.checkpoints import checkpoint_support
 from machinery.flags import ConfigError
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class GameHeads(nn.Module):
     backward is a scatter, so every other game's head gets a gradient of exactly 0. It does G times the
     useful head FLOPs, small next to the trunk (0.5% for resnet101 with 40 games). The alternatives (gathering
     each sample's weights; one batched matmul over equal per-game groups) and their measured times are in
-    the README's "Model sizes" (benchmarks/bench_network.py --heads-only).
+    docs/performance.md's "Model sizes" (benchmarks/bench_network.py --heads-only).
     """
 
     def __init__(self, num_games: int, in_dim: int, out_dim: int):
@@ -346,16 +347,13 @@ def expected_q(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return (logits.float().softmax(-1) * support).sum(-1)
 
 
-def support_bounds(ckpt: dict | None) -> tuple[float, float, int]:
-    """(v_min, v_max, num_atoms) of a checkpoint: its args' v_min/v_max and its net_config's num_atoms.
-    The one fallback, for a checkpoint without them or none at all: V_MIN, V_MAX, NUM_ATOMS."""
-    run_args = (ckpt or {}).get("args") or {}
-    net_config = (ckpt or {}).get("net_config") or {}
-    return (
-        float(run_args.get("v_min", V_MIN)),
-        float(run_args.get("v_max", V_MAX)),
-        int(net_config.get("num_atoms", NUM_ATOMS)),
-    )
+def support_bounds(ckpt: dict | None, path: object = "the checkpoint") -> tuple[float, float, int]:
+    """(v_min, v_max, num_atoms) of a checkpoint: the support it records (machinery.checkpoints.
+    checkpoint_support: one sentence if it records none, instead of a guess). No checkpoint at all (a
+    from-scratch baseline): V_MIN, V_MAX, NUM_ATOMS."""
+    if ckpt is None:
+        return V_MIN, V_MAX, NUM_ATOMS
+    return checkpoint_support(ckpt, path)
 
 
 def support_from_checkpoint(ckpt: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:

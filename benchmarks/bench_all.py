@@ -1,4 +1,4 @@
-"""Run every benchmark of this folder and print the README's "Performance" table (markdown) + one JSON.
+"""Run every benchmark of this folder and print docs/performance.md's table (markdown) + one JSON.
 
 Each benchmark runs in its own process (as a user would run it, so that one cannot warm the caches or
 the thread pools of the next) and writes its JSON to benchmarks/results/; this script then reads them

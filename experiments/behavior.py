@@ -16,7 +16,7 @@ rank it higher.
 | Centipede | FIRE (30%) | NOOP (40%), LEFT / RIGHT (15% each) | yes: FIRE |
 | SpaceInvaders | FIRE (30%) | NOOP (40%), LEFT / RIGHT (15% each) | yes: FIRE |
 
-Centipede was added after the first three games had been evaluated (README, Results): there Q-learning
+Centipede was added after the first three games had been evaluated (docs/results.md): there Q-learning
 found Freeway's good action but not DemonAttack's, although always-FIRE scores far above DemonAttack's
 behavior (580 vs 178 over 4 episodes, measured on the scripted policy alone, no learning). Our guess, not
 measured: a DemonAttack shot pays only after a long flight, so its value must travel by bootstrapping
@@ -35,7 +35,7 @@ discounting, a Q-gap too small to learn from (an earlier pilot's greedy policies
 point of this game is the state-dependent part, tracking the ball.
 
 The probabilities are ours, chosen before any training so that the behavior scores between a do-nothing
-policy and the good one (measured returns are in the README's Results). We tried and dropped two others:
+policy and the good one (measured returns are in docs/results.md). We tried and dropped two others:
 Breakout "move away from the ball" as the bad part (mixed per step with the tracker it scores ~1, leaving
 almost no reward in the data) and Boxing (no RAM tracker we wrote beat the built-in opponent).
 RAM addresses follow AtariARI's annotations (Anand et al. 2019, atariari/benchmark/ram_annotations.py):

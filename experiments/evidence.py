@@ -23,7 +23,7 @@ a stopped run (a session limit, Ctrl-C) continues where it was. A long run can a
 purpose: --until STEP trains every run only through that evaluation step and reports there; the next
 invocation resumes every run from its checkpoint (the stages of a chain are the same either way).
 
-    python experiments/evidence.py                # the README's Results (see there for time and machine)
+    python experiments/evidence.py                # docs/results.md (see there for time and machine)
     python experiments/evidence.py --until 20000  # one stage: every run through step 20,000, then report
     python experiments/evidence.py --until 40000  # the next stage (resumes every run from its checkpoint)
     python experiments/evidence.py --quick        # seconds: the whole path on a few hundred transitions
@@ -89,7 +89,7 @@ class Args:
     a good action mixed with a more frequent bad one at every step) or experiments.dqn_like:improving (the
     second: an improving epsilon-greedy agent, like DQN-Replay's; :narrow is its epsilon-0.01 variant)"""
 
-    # --- training (cql_multigame.Args; the values are ours, chosen for a 2-core CPU, see the README) ---
+    # --- training (cql_multigame.Args; the values are ours, chosen for a 2-core CPU, see docs/results.md) ---
     arch: str = "tiny"
     """network (resnet.py); tiny is the CPU-sized trunk"""
     total_steps: int = 60_000
@@ -108,7 +108,7 @@ class Args:
     """n-step return of the TD target (the paper's 3)"""
     cql_alpha: float = 0.001
     """CQL weight of the `cql` method (ours, chosen on training-time signals only; see
-    experiments/alpha_pilot.py and the README's Results). 2,000-step pilots on seed 0, no evaluation: the
+    experiments/alpha_pilot.py and docs/results.md). 2,000-step pilots on seed 0, no evaluation: the
     greedy action on Freeway's dataset states is the data's most frequent one (NOOP) at alpha 0.01 and 0.003,
     and TD-only's (UP) at 0.001 and 0.0003. TD's one-step Q-gap here is ~0.005, the CQL term's pull toward
     frequent actions ~3 per unit alpha, so 0.001 is the largest value that leaves the TD signal on top. The

@@ -51,8 +51,8 @@ class Args:
 
     checkpoint: str = "runs/evidence/cql_alpha0.001_seed1/checkpoint.pt"
     """the pre-trained network: evidence.py's CQL run (seed 1, at the step evidence.py last reached: the
-    README's transfer results start from step 20,000, i.e. after `evidence.py --until 20000`; --runs-dir
-    remembers the file's sha256, so another network needs another --runs-dir)"""
+    transfer results in docs/results.md start from step 20,000, i.e. after `evidence.py --until 20000`;
+    --runs-dir remembers the file's sha256, so another network needs another --runs-dir)"""
     out_dir: str = "experiments/results/transfer"
     """where results.json and the PNG plots go"""
     data_dir: str = "data/transfer"
@@ -243,12 +243,19 @@ def mean_se(curves: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def format_table(title: str, unit: str, curves: dict[str, dict[str, dict[str, float]]]) -> str:
+def format_cell(point: dict[str, float], seeds: int) -> str:
+    """mean ± s.e. of one step; a step that fewer than all `seeds` reached (an evaluation that was dropped)
+    says over how many, and one seed has no s.e."""
+    n = int(point["n"])
+    spread = f" ± {point['se']:.1f}" if n > 1 else ""
+    return f"{point['mean']:.1f}{spread}" + (f" ({n} of {seeds} seeds)" if n < seeds else "")
+
+
+def format_table(title: str, unit: str, curves: dict[str, dict[str, dict[str, float]]], seeds: int) -> str:
     steps = sorted({int(s) for c in curves.values() for s in c})
     lines = [f"{title}", f"| {unit} | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
     for s in steps:
-        cells = [f"{c[str(s)]['mean']:.1f} ± {c[str(s)]['se']:.1f}" if str(s) in c else "n/a"
-                 for c in curves.values()]  # fmt: skip
+        cells = [format_cell(c[str(s)], seeds) if str(s) in c else "n/a" for c in curves.values()]
         lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -325,11 +332,11 @@ def main(args: Args) -> dict[str, Any]:
     tables = [
         format_table(
             f"offline, held-out {args.offline_game}: return (mean ± s.e. over {len(args.seeds)} seeds; "
-            f"behavior of the data {behavior_text})", "steps", offline,
+            f"behavior of the data {behavior_text})", "steps", offline, len(args.seeds),
         ),
         format_table(
             f"online, {args.online_game} mode {args.online_mode} difficulty {args.online_difficulty}: return "
-            f"(mean ± s.e. over {len(args.seeds)} seeds)", "agent steps", online,
+            f"(mean ± s.e. over {len(args.seeds)} seeds)", "agent steps", online, len(args.seeds),
         ),
     ]  # fmt: skip
     result = {

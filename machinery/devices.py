@@ -122,7 +122,7 @@ def setup_distributed(device: torch.device) -> Processes:
     if world_size == 1:
         return Processes()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    # ours: a long timeout, because the other ranks wait while rank 0 evaluates 40 games.
+    # a long timeout, because the other ranks wait while rank 0 evaluates 40 games.
     dist.init_process_group(backend, timeout=timedelta(hours=3))
     return Processes(rank=dist.get_rank(), world_size=world_size)
 
@@ -177,6 +177,20 @@ def init_xla_runtime(device: str, xla_spmd: bool, xla_cache_dir: str, xla_multip
         xr.initialize_cache(xla_cache_dir, readonly=False)
     if xla_spmd:
         xr.use_spmd()
+
+
+def _xla_worker(index: int, main: Any, args: Any) -> None:
+    """torch_xla.launch calls this in every process, with the process index first."""
+    main(args)
+
+
+def launch(main: Any, args: Any, xla_multiprocess: bool = False) -> Any:
+    """main(args); with --xla-multiprocess, one main(args) per TPU device through torch_xla's launcher."""
+    if not xla_multiprocess:
+        return main(args)
+    import torch_xla
+
+    torch_xla.launch(_xla_worker, args=(main, args))
 
 
 def setup_spmd() -> Processes:

@@ -90,6 +90,66 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
+def open_no_follow(path: str | Path, mode: str = "wb") -> Any:
+    """open(path, mode) for writing ("wb", "w", "ab", "a") that never follows a symbolic link at `path`
+    (O_NOFOLLOW: a link there is an OSError, ELOOP), so that a crafted or shared folder cannot redirect a
+    write to a file outside it."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    flags |= os.O_APPEND if mode.startswith("a") else os.O_TRUNC
+    return os.fdopen(os.open(path, flags, 0o644), mode)
+
+
+def write_file(path: str | Path, text: str) -> None:
+    """Write a small text file (a summary) atomically and without following links: a temporary name unique
+    to this writer, opened with O_NOFOLLOW, then renamed over `path` (a rename replaces a link, it does not
+    write through it)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open_no_follow(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(
+    folder: str | Path, *, names: Sequence[str] | None = None, any_host: bool = False, recursive: bool = True
+) -> int:
+    """Remove the temporary files (see temp_path: <name>.<host>.<pid>.tmp) of writers that are gone, left by
+    a killed save; returns how many. A writer is gone when it ran on this host and its pid is not alive, or,
+    with any_host (the caller holds the folder's run lock: no one else writes there), whenever it is not
+    this process. `names`: only the temporary files of these file names."""
+    host, own = socket.gethostname(), f".{socket.gethostname()}.{os.getpid()}.tmp"
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for tmp in folder.rglob("*.tmp") if recursive else folder.glob("*.tmp"):
+        stem, _, pid = tmp.name[: -len(".tmp")].rpartition(".")
+        if not pid.isdigit() or tmp.name.endswith(own) or tmp.is_dir():
+            continue
+        if names is not None and not any(tmp.name.startswith(f"{n}.") for n in names):
+            continue
+        local = stem.endswith(f".{host}")
+        if not any_host and not (local and not _pid_alive(int(pid))):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_error(path: Path, error: OSError, need_bytes: int) -> ReplayWriteError:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MB free"
@@ -98,7 +158,7 @@ def _write_error(path: Path, error: OSError, need_bytes: int) -> ReplayWriteErro
     return ReplayWriteError(
         f"could not write {path} ({error.strerror or type(error).__name__}): it needs up to "
         f"{need_bytes / 2**20:,.1f} MB and {path.parent} has {free}; earlier files there are unchanged and "
-        "the partial ones were removed; free space or pass another --out-dir."
+        "the partial ones were removed; free space or write to another folder."
     )
 
 
@@ -121,8 +181,8 @@ def write_checkpoint(
     array, as Dopamine's save() writes it; invalid_range defaults to Dopamine's for update_horizon 1 (the DQN
     agent that recorded DQN-Replay). The optional 7th file (episode_end_indices) is never written: DQN-Replay
     lacks it and Dopamine's load() accepts its absence.
-    compresslevel: ours, 6 (Dopamine's GzipFile uses 9: much slower for slightly smaller files, see the
-    README's Performance section); readers do not care.
+    compresslevel: 6 (Dopamine's GzipFile uses 9: much slower for slightly smaller files, see the
+    docs/performance.md); readers do not care.
     """
 
     arrays = {"observation": observation, "action": action, "reward": reward, "terminal": terminal}
@@ -146,7 +206,7 @@ def write_checkpoint(
         Path(directory).mkdir(parents=True, exist_ok=True)
         for name, arr in arrays.items():
             with (
-                open(tmps[name], "wb") as fh,
+                open_no_follow(tmps[name], "wb") as fh,
                 gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=compresslevel) as gz,
             ):
                 # 0-d stays 0-d: Dopamine's and batch_rl's samplers use add_count as a scalar
@@ -330,7 +390,7 @@ class _LoadCancelled(Exception):
 
 
 # Why not np.load(gzip.open(...)): inflating straight into the arena, skipping to a window and stopping on
-# request loads a checkpoint faster than `gzip -dc` alone (README's Performance section, bench_replay.py).
+# request loads a checkpoint faster than `gzip -dc` alone (docs/performance.md, bench_replay.py).
 class _GzipNpy:
     """One np.save'd array read out of a .gz file at zlib speed: the header first, then rows decompressed
     straight into numpy buffers (no Python loop per element, no pickle). Raises ReplayDataError for
@@ -455,12 +515,9 @@ def write_episode_returns(directory: str | Path, suffix: int, returns: Sequence[
     """`episode_returns_ckpt.N.json` beside checkpoint N: the unclipped returns of the episodes that ended
     while its transitions were written (plain JSON; Dopamine's and this project's readers ignore the file)."""
     path = Path(directory) / f"episode_returns_ckpt.{suffix}.json"
-    tmp = temp_path(path)
     try:
-        tmp.write_text(json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
-        os.replace(tmp, path)
+        write_file(path, json.dumps({"suffix": int(suffix), "returns": [float(r) for r in returns]}))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e, 64 * len(returns) + 64) from None
     return path
 

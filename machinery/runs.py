@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from machinery.checkpoints import DiskWriteError, checkpoint_state, save_checkpoint
 from machinery.devices import BatchStream, Processes, to_cpu, xla_metrics_line
-from machinery.dqn_files import ReplayDataError
-from machinery.flags import ConfigError
+from machinery.dqn_files import ReplayDataError, open_no_follow, remove_stale_temp_files, write_file
+from machinery.flags import ConfigError, flat_dict
 
 TRAIN_SCALARS = (
     ("td_loss", "losses/td_loss"),
@@ -87,9 +87,10 @@ class Run:
         from tqdm import tqdm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=step + 1 if resumed else None)
-        if resumed:
-            drop_history_after(self.run_dir / "metrics.jsonl", step)
+        # a resumed run drops what was logged past its checkpoint; a new one what an earlier attempt that died
+        # before its first checkpoint logged (TensorBoard: purge_step; metrics.jsonl: drop_history_after)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=step + 1)
+        drop_history_after(self.run_dir / "metrics.jsonl", step)  # step 0 when not resumed
         write_hyperparameters(self.writer, self.args)
         self.progress = tqdm(
             total=self.args.total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
@@ -176,8 +177,8 @@ class Run:
             save_checkpoint(self.run_dir / f"replay_state_rank{self.processes.rank}.pt", rank_state)
         else:
             state = checkpoint_state(
-                learner.net, learner.target_net, learner.optimizer, step, dataclasses.asdict(self.args),
-                self.games, replay_state,
+                learner.net, learner.target_net, learner.optimizer, step, flat_dict(self.args),
+                self.games, replay_state, learner.support,
             )  # fmt: skip
             save_checkpoint(self.checkpoint, state)
         self.last_good = step
@@ -215,7 +216,7 @@ class Run:
     def finish(self, summary: dict[str, Any], result: dict[str, Any], step: int) -> None:
         """The end of a cql_multigame.py run: summary.json, the evaluation table, where everything is."""
         self.close()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_file(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         print(format_summary(result, step))
         if self.xla_metrics:
             print(xla_metrics_line(step) + " (after the final evaluation)", flush=True)
@@ -247,27 +248,44 @@ def log_training(
     for k, tag in TRAIN_SCALARS:
         writer.add_scalar(tag, values[k], step)
     writer.add_scalar("charts/samples_per_second", samples_per_second, step)
-    with open(history, "a") as f:
+    with open_no_follow(history, "a") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
 
 
 def write_hyperparameters(writer, args: Any) -> None:
     """The run's flags as a TensorBoard text table (CleanRL's convention)."""
-    rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    rows = "\n".join(f"|{k}|{v}|" for k, v in flat_dict(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
 
 
 def drop_history_after(path: Path, step: int) -> None:
     """--resume after a kill: metrics.jsonl may hold lines past the checkpoint's step, which the resumed run
-    writes again; keep only lines up to `step` (TensorBoard's events get purge_step for the same reason)."""
+    writes again; keep only lines up to `step` (TensorBoard's events get purge_step for the same reason). A
+    new run (step 0) in a folder where an earlier attempt died before its first checkpoint starts it empty.
+    A partial last line (a write cut by a full disk or a kill) is dropped with one warning; a broken line
+    elsewhere is one sentence."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))) as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(
+                    f"{path} line {i + 1} is not JSON; delete that line, then rerun with --resume."
+                ) from None
+            print(f"warning: dropped the partial last line of {path} (a cut write): {line[:60]!r}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        write_file(path, "".join(keep))
 
 
 def all_finite(net: torch.nn.Module, step: int) -> bool:
@@ -326,6 +344,26 @@ def save_rank_debug(run_dir: Path, net: torch.nn.Module, stream: BatchStream, ra
     torch.save({"games": games_seen}, run_dir / f"batch_games_rank{rank}.pt")
 
 
+def refuse_links(run_dir: Path, flag: str = "--run-name") -> None:
+    """A run folder (or anything in it) that is a symbolic link is refused in one sentence: every file a run
+    writes stays inside its folder, whoever else can write in the runs folder (see docs/reliability.md on
+    shared runs folders). Its files are also opened with O_NOFOLLOW (dqn_files.open_no_follow), for links
+    planted while the run goes on."""
+    if run_dir.is_symlink():
+        links = [run_dir]
+    else:
+        links = []
+        for top, dirs, files in os.walk(run_dir) if run_dir.is_dir() else ():
+            links += [Path(top, n) for n in dirs + files if Path(top, n).is_symlink()]
+    if links:
+        target = os.readlink(links[0])
+        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+        raise ConfigError(
+            f"the run folder {run_dir} holds a symbolic link {links[0]} -> {target}{more}; a run never "
+            f"writes through links: remove it, or pass another {flag}."
+        )
+
+
 class RunLock:
     """One run folder, one writer: an exclusive flock on <run_dir>/run.lock, held for the whole run.
 
@@ -347,11 +385,12 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
+        refuse_links(self.run_dir, self.flag)
         try:
             self._created_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -373,6 +412,9 @@ class RunLock:
                      "command": " ".join(sys.argv)}  # fmt: skip
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(owner).encode())
+            # this process is the folder's one writer now: every other writer's temporary file is a leftover
+            # of a killed save (they would pile up, ~one checkpoint each)
+            remove_stale_temp_files(self.run_dir, any_host=True)
         except OSError as e:
             raise DiskWriteError(
                 f"cannot write in the run folder {self.run_dir} ({e.strerror or type(e).__name__}); pass a "
@@ -502,7 +544,7 @@ def agree_to_stop(processes: Processes, requested: bool) -> bool:
 
 
 _STOP_GROUP = None
-STOP_AGREE_EVERY = 10  # ours: steps between the processes' agreement on a stop request (DDP/XLA only)
+STOP_AGREE_EVERY = 10  # steps between the processes' agreement on a stop request (DDP/XLA only)
 
 
 def stop_requested(stop: StopSignals, processes: Processes, step: int, evaluated: bool) -> bool:
@@ -517,6 +559,21 @@ def stop_requested(stop: StopSignals, processes: Processes, step: int, evaluated
         stop.signum = stop.signum or signal.SIGTERM  # a peer got it (torchrun forwards to every process)
         return True
     return False
+
+
+def run_folder(runs_dir: str, run_name: str, base: str, resume: bool) -> Path:
+    """<runs_dir>/<run_name>. Without a run name: <base>, then <base>_2, _3, ... so that running the same
+    command again starts a new run instead of touching an old one; with `resume`, the newest of those that
+    holds a checkpoint. Every process computes the same name (nothing is created yet)."""
+    root = Path(runs_dir)
+    if run_name:
+        return root / run_name
+    names = [base]
+    while (root / names[-1] / "checkpoint.pt").exists():
+        names.append(f"{base}_{len(names) + 1}")
+    if resume and len(names) > 1:
+        return root / names[-2]  # the newest run with a checkpoint
+    return root / names[-1]
 
 
 def resume_command(run_dir: Path, script: str) -> str:

@@ -15,22 +15,32 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from machinery.dqn_files import FRAME_BYTES, FRAME_SHAPE, STACK, CheckpointInfo, ReplayDataError
+from machinery.dqn_files import (
+    FRAME_BYTES,
+    FRAME_SHAPE,
+    STACK,
+    STORE_PREFIX,
+    CheckpointInfo,
+    ReplayDataError,
+    _file_path,
+)
 
 # Resident bytes per loaded transition in MultiGameReplay: frame + action (uint8 full-set id) + the n-step
 # target worked out at load time (return float32, discount float32, next-state offset uint8) + one int32
 # slot of the valid-index table (int64 past 2**31 rows).
 _ROW_BYTES = FRAME_BYTES + 1 + 4 + 4 + 1 + 4
-RELOAD_EVERY = 50_000  # ours: sample() calls between two sets of the same game (the cap of reload_every=0)
-WINDOWS_PER_SLOT = 5  # ours: windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
+RELOAD_EVERY = 50_000  # sample() calls between two sets of the same game (the cap of reload_every=0)
+WINDOWS_PER_SLOT = 5  # windows of different checkpoints per slot (batch_rl's FixedReplayBuffer mixes 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +96,7 @@ class _BackgroundLoad:
 
 
 # plan_report's checkpoint load speed (gzip inflate + parse): measured by benchmarks/bench_replay.py on this
-# project's CPU (the README's Performance section)
+# project's CPU (docs/performance.md)
 INFLATE_BYTES_PER_S = 1.439e9
 
 
@@ -94,7 +104,7 @@ _MALLOC_TUNED = False
 
 
 # Why: a batch of frames (0.9 MB at batch 32, 14 MB at 512) is above glibc's mmap threshold, so each sample()
-# would map fresh pages and fault on every 4 KB, which costs more than the copy (README, Performance).
+# would map fresh pages and fault on every 4 KB, which costs more than the copy (docs/performance.md).
 def tune_malloc() -> None:
     """Let glibc keep the memory of freed batches instead of handing it back to the OS after every batch:
     the mmap threshold goes to glibc's 32 MB maximum and the trim threshold to 256 MB, so freed batches stay
@@ -110,6 +120,14 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when a process group is up, else (0, 1)."""
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class StreamingSampler:
@@ -186,6 +204,88 @@ class StreamingSampler:
             f"{per_game:.1f} samples, expected)",
         ]
         return "\n".join(lines)
+
+    def _recheck_excluded(self, excluded: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
+        """On resume: checkpoints excluded before (missing or corrupt files found while streaming) whose
+        files were scanned fine at this start-up are taken back (the files may be back); the rest stay
+        excluded. A file still corrupt inside is found again when loaded, and excluded again."""
+        self._readmitted = sorted(k for k in excluded if k in self._infos)
+        return excluded - set(self._readmitted)
+
+    def stats(self) -> dict[str, Any]:
+        """For logging: loaded (valid) transitions, reloads, waits for the loader, excluded checkpoints."""
+        per_game = {game: int(self._slot_num_valid[self._game_slot[g]]) for g, game in enumerate(self.games)}
+        with self._lock:
+            out = dict(self._stats)
+        return {"loaded_transitions": sum(per_game.values()), **out, "loaded_per_game": per_game}
+
+    def plan_summary(self) -> str:
+        """The data plan of this process: per game its checkpoints, transitions and sets; memory; streams."""
+        G = len(self.games)
+        lines = [
+            f"replay plan (rank {self.rank}/{self.world_size}): {G} games x runs {list(self.runs)} x "
+            f"checkpoints {self.checkpoints!r}, fraction {self.fraction}, n_step {self.n_step}"
+        ]
+        for g, game in enumerate(self.games):
+            ckpts = sorted({(p.run, p.suffix) for p in self._ranges[g]})
+            n = sum(p.hi - p.lo for p in self._ranges[g])
+            lines.append(
+                f"  {game}: {len(ckpts)} checkpoints, {n:,} transitions ({n * FRAME_BYTES / 2**30:.2f} GiB "
+                f"of frames), {len(self._sets[g])} set(s) of up to {self._slot_frames:,} frames"
+            )
+        arena = int(self._slot_start[-1]) * _ROW_BYTES
+        lines.append(
+            f"  memory: {arena / 2**30:.2f} GiB resident of {self.budget_bytes / 2**30:.2f} GiB budget "
+            f"({_ROW_BYTES:,} B per loaded transition)"
+        )
+        if self._rotating:
+            lines.append(
+                f"  streaming: {len(self._rotating)} games rotate; every {self._swap_interval:,} samples one "
+                "game swaps in its next set (each game every "
+                f"~{self._swap_interval * len(self._rotating):,}), loaded ahead by a background thread into "
+                f"one spare slot; up to {max(self._windows_in_slot)} windows of different checkpoints per "
+                "slot"
+            )
+        else:
+            lines.append("  static: all selected data is resident, no reloads")
+        return "\n".join(lines + self._excluded_lines())
+
+    def _excluded_lines(self) -> list[str]:
+        """plan_summary's lines on excluded and re-admitted checkpoints."""
+
+        def name(k: tuple[int, ...]) -> str:
+            return f"{self.games[k[0]]} run {k[1]} checkpoint {k[2]}"
+
+        lines = []
+        with self._lock:
+            excluded = sorted(self._excluded)
+        if excluded:
+            lines.append(f"  excluded (unreadable while streaming): {', '.join(map(name, excluded))}")
+        if self._readmitted:
+            back = ", ".join(map(name, self._readmitted))
+            lines.append(f"  taken back on resume (their files read fine again): {back}")
+        return lines
+
+    def _check_reward_terminal(self, reward: np.ndarray, terminal: np.ndarray, d: Path, s: int) -> None:
+        """NaN or inf rewards would poison every target that sums them: the file is refused (at start-up
+        the run stops; in the background the checkpoint is excluded). Terminal values other than 0/1 are
+        read as "episode ended" (nonzero, as Dopamine does): a warning, once per sampler."""
+        bad = np.flatnonzero(~np.isfinite(reward))
+        if len(bad):
+            raise ReplayDataError(
+                f"{_file_path(d, STORE_PREFIX + 'reward', s)} holds {len(bad):,} non-finite rewards (row "
+                f"{bad[0]}: {reward[bad[0]]}); DQN-Replay rewards are clipped to [-1, 1]: re-download or "
+                "re-record it."
+            )
+        if terminal.max(initial=0) > 1 and not self._warned_terminal:
+            self._warned_terminal = True
+            odd = sorted(set(np.unique(terminal).tolist()) - {0, 1})
+            warnings.warn(
+                f"replay: {_file_path(d, STORE_PREFIX + 'terminal', s)} holds terminal values other than 0 "
+                f"and 1 ({', '.join(map(str, odd[:5]))}); every nonzero value is read as the end of an "
+                "episode (shown once; other files may hold them too).",
+                stacklevel=2,
+            )
 
     def _swaps_per_game(self, total_samples: int) -> list[int]:
         """Per game: how many swaps it makes in total_samples sample() calls (periods 0..that are used)."""
@@ -279,7 +379,7 @@ class StreamingSampler:
         self._frames_arena = np.empty((total, *FRAME_SHAPE), np.uint8)  # [F, 84, 84], touched when loaded
         # A read-only view with one 4-frame stack per row: _stacks[j] = frames j..j+3 (the state of
         # transition j + 3). Why: indexing it copies each stack as one 28 KB block instead of four frames
-        # (faster, see the README's Performance section). Fancy indexing only: np.take would copy it whole.
+        # (faster, see docs/performance.md). Fancy indexing only: np.take would copy it whole.
         self._stacks = np.lib.stride_tricks.as_strided(
             self._frames_arena,
             shape=(total - (STACK - 1), STACK, *FRAME_SHAPE),

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/: every script runs end to end with tiny flags and bench_all.py assembles the
-README's Performance table from their JSON. No timing is asserted (the numbers of a --quick run mean
-nothing); the benchmarks themselves are run by hand (see the README's Performance section)."""
+docs/performance.md's table from their JSON. No timing is asserted (the numbers of a --quick run mean
+nothing); the benchmarks themselves are run by hand (see docs/performance.md)."""
 
 import json
 import os

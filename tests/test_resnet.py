@@ -1,5 +1,6 @@
 """Tests of resnet.py: shapes, per-game heads against a slow reference, gradient isolation between games,
-feature normalization, parameter counts (the README table), transfer to new games, channels_last."""
+feature normalization, parameter counts (docs/performance.md's table), transfer to new games,
+channels_last."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from resnet import ARCHS, QNetwork, count_parameters, transfer
 
-# The README's parameter table: 40 games, 18 actions x 51 atoms, 8 spatial features, mlp_dim 640.
+# docs/performance.md's "Model sizes" table: 40 games, 18 actions x 51 atoms, 8 spatial features, mlp_dim 640.
 PARAMS_40_GAMES = {
     "tiny": {"trunk": 115_136, "spatial_embedding": 41_472, "shared_mlp": 328_320, "heads": 23_537_520,
              "total": 24_022_448},
