@@ -14,12 +14,23 @@ run stopped at the middle and resumed gives the same losses as the uninterrupted
 device->host transfers of one checkpoint's tensors, the old way (one .cpu() per tensor) and through
 cql_multigame.to_cpu (one batched transfer).
 
+The stop probe checks how the hosts of an SPMD run agree to stop (machinery.devices.spmd_any: a max over the
+devices of all hosts; here one host's devices stand in for the hosts). The HLO check (also alone, with the
+stop probe: --hlo-only, about a minute for tiny) compiles one training step under SPMD on
+the largest device count with XLA's dumps on, and reads the module after SPMD partitioning, where shapes
+are per device: it fails (exit 1) if any convolution or batch norm sees the global batch (every device
+would redo that work on all rows), and reports the step's all-gather count. It runs the step twice: with
+resnet.GroupNorm (per sample on XLA: must pass) and with nn.GroupNorm's forward (the control: it lowers to
+a batch norm over [1, B*G, ...] that the partitioner feeds with an all-gather of the batch; the check must
+catch it, or it is blind).
+
 Needs torch 2.9 + torch-xla 2.9 (not in requirements.txt, not run in CI: the venv is ~7 GB):
 
     python3 -m venv /work/xlavenv
     /work/xlavenv/bin/pip install torch==2.9.0 torch-xla==2.9.0 numpy gymnasium ale-py \\
         opencv-python-headless tyro tensorboard tqdm pytest
     /work/xlavenv/bin/python benchmarks/xla_spmd_check.py
+    /work/xlavenv/bin/python benchmarks/xla_spmd_check.py --hlo-only --hlo-archs tiny resnet18
 
 Each run is a subprocess with its own PJRT_DEVICE=CPU and CPU_NUM_DEVICES (they must be set before
 torch_xla is imported). Writes benchmarks/results/xla_spmd_check.json.
@@ -58,6 +69,13 @@ class Args:
     """also stop an SPMD run at the middle and resume it (with the largest device count)"""
     out: str = str(ROOT / "benchmarks" / "results" / "xla_spmd_check.json")
     """where the JSON goes"""
+    hlo_only: bool = False
+    """run only the HLO check (below), not the training runs"""
+    hlo_batch: int = 40
+    """global batch of the HLO check: no layer of the networks has 40 channels or a 40-pixel side, so a
+    dimension of 40 in a convolution means the global batch (the per-device batch is 40 / devices)"""
+    hlo_archs: tuple[str, ...] = ("tiny",)
+    """networks whose training step the HLO check compiles (resnet18 takes a few minutes on a CPU)"""
 
 
 def train(args: Args, name: str, devices: int | None, extra: list[str], steps: int | None = None) -> dict:
@@ -100,15 +118,47 @@ def train(args: Args, name: str, devices: int | None, extra: list[str], steps: i
 
 PROBE = """
 import torch, torch_xla, torch_xla.runtime as xr, torch_xla.distributed.spmd as xs
-import cql_multigame as cql
+from machinery import devices
 xr.use_spmd()
-processes = cql.setup_spmd()
+processes = devices.setup_spmd()
 b = {"obs": torch.zeros(BATCH, 4, 84, 84, dtype=torch.uint8), "game": torch.arange(BATCH)}
-for k, v in cql.shard_batch(b, torch_xla.device(), processes.mesh).items():
+for k, v in devices.shard_batch(b, torch_xla.device(), processes.mesh).items():
     shards = [tuple(s.data.shape) for s in xs.wrap_if_sharded(v).local_shards]
     spec = torch_xla._XLAC._get_xla_sharding_spec(v)
     print(f"{k} {tuple(v.shape)} -> {len(shards)} shards of {shards[0]}, {spec}")
 """
+
+
+STOP_PROBE = """
+import torch, torch_xla.runtime as xr
+from machinery import devices
+xr.use_spmd()
+processes = devices.setup_spmd()
+n = xr.addressable_runtime_device_count()
+for votes in ([0] * n, [0] * (n - 1) + [1], [1] + [0] * (n - 1)):  # one value per device, as hosts hand them
+    print("votes", votes, "->", devices.mesh_max(torch.tensor(votes, dtype=torch.int32), processes.mesh))
+print("spmd_any", devices.spmd_any(False, processes.mesh), devices.spmd_any(True, processes.mesh))
+"""
+
+
+def stop_probe(devices: int) -> list[str]:
+    """How the hosts of an SPMD run agree to stop (machinery.devices.spmd_any): each device's vote, as a host
+    hands over one per device it drives, reduced by the devices. One host here: its devices stand in for
+    the hosts' (a pod's hosts each hand over their own rows of the same sharded tensor)."""
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    r = subprocess.run([sys.executable, "-c", STOP_PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"stop probe failed:\n{r.stderr[-3000:]}")
+    lines = [line for line in r.stdout.splitlines() if line.startswith(("votes", "spmd_any"))]
+    n = devices
+    expected = [
+        f"votes {[0] * n} -> 0",
+        f"votes {[0] * (n - 1) + [1]} -> 1",
+        f"votes {[1] + [0] * (n - 1)} -> 1",
+    ]
+    if lines != [*expected, "spmd_any False True"]:
+        sys.exit(f"stop probe: the devices did not agree as expected: {lines}")
+    return lines
 
 
 def sharding_probe(devices: int, batch: int) -> list[str]:
@@ -119,6 +169,119 @@ def sharding_probe(devices: int, batch: int) -> list[str]:
     if r.returncode != 0:
         sys.exit(f"sharding probe failed:\n{r.stderr[-3000:]}")
     return [line for line in r.stdout.splitlines() if "shards" in line]
+
+
+HLO_PROBE = """
+import sys, torch, torch_xla, torch_xla.runtime as xr
+import cql_multigame as cql, resnet
+from machinery import devices
+if GROUP_NORM == "torch":  # the control: nn.GroupNorm's own forward, which the check must catch
+    resnet.GroupNorm.forward = torch.nn.GroupNorm.forward
+xr.use_spmd()
+processes = devices.setup_spmd()
+device = torch_xla.device()
+torch.manual_seed(0)
+games = ["Breakout", "Boxing", "Freeway"]
+net = resnet.QNetwork(len(games), arch=ARCH).to(device)
+learner = cql.Learner(
+    net, resnet.target_network(net), cql.make_optimizer(net.parameters(), 1e-4, 3.125e-4, device),
+    support=torch.linspace(-10, 10, 51, device=device), legal_table=cql.legal_action_table(games).to(device),
+    cql_alpha=0.1,
+)
+g = torch.Generator().manual_seed(0)
+b = BATCH
+batch = {
+    "obs": torch.randint(0, 256, (b, 4, 84, 84), dtype=torch.uint8, generator=g),
+    "action": torch.randint(0, 4, (b,), generator=g), "reward": torch.rand(b, generator=g),
+    "discount": torch.full((b,), 0.97), "game": torch.arange(b) % len(games),
+    "next_obs": torch.randint(0, 256, (b, 4, 84, 84), dtype=torch.uint8, generator=g),
+}
+torch_xla.sync()
+metrics = cql.update(learner, devices.shard_batch(batch, device, processes.mesh))  # the training step's graph
+torch_xla.sync()
+print("loss", float(metrics["loss"]))
+"""
+
+_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(([^)]*)\)(.*)$")
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+    """An HLO text module -> {instruction name: {"op", "dims" (every array shape of its result), "operands",
+    "attrs"}}, over all computations (names are unique in a module)."""
+    out = {}
+    for line in text.splitlines():
+        m = _HLO_LINE.match(line)
+        if m:
+            name, shape, op, operands, attrs = m.groups()
+            dims = [[int(d) for d in ds.split(",") if d] for ds in re.findall(r"\w+\[([\d,]*)\]", shape)]
+            out[name] = {
+                "op": op,
+                "dims": dims,
+                "operands": re.findall(r"%([\w.\-]+)", operands),
+                "attrs": attrs,
+            }
+    return out
+
+
+def global_batch_ops(hlo: dict[str, dict], batch: int, groups: set[int]) -> list[str]:
+    """The convolutions and batch norms of an SPMD-partitioned module (per-device shapes) that see the
+    global batch: a convolution with a dimension equal to `batch` in its operands or result (forward,
+    input-gradient and weight-gradient convolutions alike), a batch norm over batch * groups features (how
+    torch-xla lowers nn.GroupNorm: [1, B*G, ...])."""
+    bad = []
+    for name, ins in hlo.items():
+        shapes = ins["dims"] + [d for o in ins["operands"] if o in hlo for d in hlo[o]["dims"]]
+        if ins["op"] == "convolution" and any(batch in s for s in shapes):
+            bad.append(f"{name} {shapes}")
+        elif ins["op"].startswith("batch-norm") and any(batch * g in s for s in shapes for g in groups):
+            bad.append(f"{name} {shapes}")
+    return bad
+
+
+def hlo_check(arch: str, devices: int, batch: int, group_norm: str, scratch: Path) -> dict:
+    """Compile one training step (cql_multigame.update on a batch sharded by shard_batch) under SPMD on
+    `devices` CPU devices, with XLA dumping the module after SPMD partitioning (per-device shapes) and after
+    optimization. Returns the step's all-gather count, its convolutions and batch norms, and those that see
+    the global batch. group_norm: "ours" (resnet.GroupNorm) or "torch" (nn.GroupNorm's forward, the
+    control)."""
+    import torch
+
+    import resnet
+
+    dump = scratch / f"hlo_{arch}_{devices}dev_{group_norm}"
+    if dump.exists():
+        import shutil
+
+        shutil.rmtree(dump)
+    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=spmd-partitioning"
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices), "XLA_FLAGS": flags}
+    code = HLO_PROBE.replace("GROUP_NORM", repr(group_norm)).replace("ARCH", repr(arch))
+    code = code.replace("BATCH", str(batch))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"HLO probe ({arch}, {group_norm} GroupNorm) failed:\n{r.stderr[-3000:]}")
+
+    def step_module(pattern: str) -> dict[str, dict]:  # the module with the most convolutions: the step
+        modules = [parse_hlo(f.read_text()) for f in dump.glob(pattern)]
+        return max(modules, key=lambda h: sum(i["op"] == "convolution" for i in h.values()))
+
+    partitioned = step_module("*after_spmd-partitioning*.txt")
+    optimized = step_module("*after_optimizations.txt")
+    with torch.device("meta"):
+        net = resnet.QNetwork(3, arch=arch)
+    groups = {m.num_groups for m in net.modules() if isinstance(m, resnet.GroupNorm)}
+    convs = [i for i in partitioned.values() if i["op"] == "convolution"]
+    return {
+        "arch": arch,
+        "devices": devices,
+        "batch": batch,
+        "group_norm": group_norm,
+        "all_gathers": sum(i["op"] in ("all-gather", "all-gather-start") for i in optimized.values()),
+        "convolutions": len(convs),
+        "batch_norms": sum(i["op"].startswith("batch-norm") for i in partitioned.values()),
+        "global_batch_ops": global_batch_ops(partitioned, batch, groups),
+        "loss": float(r.stdout.split("loss")[-1]),
+    }
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -187,9 +350,61 @@ def _tensors(o):
             yield from _tensors(v)
 
 
+def hlo_checks(args: Args) -> tuple[list[dict], bool]:
+    """The HLO check of every --hlo-archs network on the largest device count, with resnet.GroupNorm and
+    with nn.GroupNorm (the control, which must be caught: otherwise the check is blind). Prints a table;
+    returns the rows and whether resnet.GroupNorm keeps every convolution on the per-device batch."""
+    n = max(args.devices)
+    sys.path.insert(0, str(ROOT))
+    rows = [
+        hlo_check(arch, n, args.hlo_batch, gn, Path(args.scratch))
+        for arch in args.hlo_archs
+        for gn in ("ours", "torch")
+    ]
+    print(
+        f"\nHLO of one SPMD training step on {n} CPU devices, global batch {args.hlo_batch} "
+        f"({args.hlo_batch // n} rows per device): convolutions/batch norms after SPMD partitioning, "
+        "all-gathers after optimization\n"
+    )
+    print(
+        "| network | GroupNorm | all-gathers | convolutions | batch norms | ops on the global batch | loss |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        gn = "resnet.GroupNorm (per sample)" if r["group_norm"] == "ours" else "nn.GroupNorm (control)"
+        print(
+            f"| {r['arch']} | {gn} | {r['all_gathers']} | {r['convolutions']} | {r['batch_norms']} | "
+            f"{len(r['global_batch_ops'])} | {r['loss']:.6f} |"
+        )
+    ok = True
+    for r in rows:
+        if r["group_norm"] == "ours" and r["global_batch_ops"]:
+            ok = False
+            print(
+                f"FAIL: {r['arch']}: these ops see the global batch:\n  " + "\n  ".join(r["global_batch_ops"])
+            )
+        if r["group_norm"] == "torch" and not r["global_batch_ops"] and r["batch_norms"]:
+            ok = False
+            print(f"FAIL: {r['arch']}: the check missed nn.GroupNorm's gathered batch norms (it is blind)")
+    return rows, ok
+
+
 def main(args: Args) -> None:
-    if any(args.batch_size % n for n in args.devices):
-        sys.exit(f"--batch-size {args.batch_size} must split over every device count {args.devices}.")
+    if any(args.batch_size % n for n in args.devices) or args.hlo_batch % max(args.devices):
+        sys.exit(
+            f"--batch-size {args.batch_size} must split over every device count {args.devices}, and "
+            f"--hlo-batch {args.hlo_batch} over {max(args.devices)}."
+        )
+    if args.hlo_only:
+        stop = stop_probe(max(args.devices))
+        print(f"stop agreement over {max(args.devices)} devices (spmd_any): " + "; ".join(stop))
+        rows, ok = hlo_checks(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps({"args": asdict(args), "hlo": rows, "stop_probe": stop}, indent=2)
+        )
+        print(f"\nwrote {args.out}")
+        sys.exit(0 if ok else 1)
     runs = [train(args, "xla_1device", None, ["--device", "xla", "--xla-metrics"])]
     ref = runs[0]
     for n in args.devices:
@@ -253,6 +468,9 @@ def main(args: Args) -> None:
         )
     probe = sharding_probe(max(args.devices), args.batch_size)
     print(f"batch sharding with {max(args.devices)} devices: " + "; ".join(probe))
+    stop = stop_probe(max(args.devices))
+    print(f"stop agreement over {max(args.devices)} devices (spmd_any): " + "; ".join(stop))
+    hlo_rows, hlo_ok = hlo_checks(args)
     ck = checkpoint_transfers()
     print(
         f"checkpoint to CPU ({ck['tensors']} tensors): {ck['per_tensor_cpu']} device->host transfers "
@@ -269,11 +487,15 @@ def main(args: Args) -> None:
                 "checkpoint_transfers": ck,
                 "sharding": probe,
                 "graph_lines": {r["name"]: r["graph_lines"] for r in runs},
+                "hlo": hlo_rows,
+                "stop_probe": stop,
             },
             indent=2,
         )
     )
     print(f"\nwrote {args.out}")
+    if not hlo_ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

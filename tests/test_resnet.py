@@ -1,11 +1,12 @@
 """Tests of resnet.py: shapes, per-game heads against a slow reference, gradient isolation between games,
 feature normalization, parameter counts (docs/performance.md's table), transfer to new games,
-channels_last."""
+channels_last, and the per-sample GroupNorm (the form XLA runs) against nn.GroupNorm."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import resnet
 from resnet import ARCHS, QNetwork, count_parameters, transfer
 
 # docs/performance.md's "Model sizes" table: 40 games, 18 actions x 51 atoms, 8 spatial features, mlp_dim 640.
@@ -201,3 +202,113 @@ def test_bad_inputs_raise_one_clear_error():
         net(torch.zeros(2, 4, 64, 64, dtype=torch.uint8), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="num_games"):
         QNetwork(num_games=0, arch="tiny")
+
+
+# --------------------------------------------------------------------------------------------------------
+# GroupNorm: on XLA the network normalizes per sample (group_norm_per_sample) so that SPMD never gathers
+# the batch; it must be nn.GroupNorm exactly, forward and backward, with the same parameter names.
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "channels_last"),
+    [
+        ((5, 32, 9, 9), 16, False),
+        ((1, 64, 6, 6), 32, False),
+        ((3, 16, 20, 20), 8, True),
+        ((2, 8, 1, 1), 4, False),
+    ],
+)
+def test_group_norm_per_sample_is_nn_group_norm_forward_and_backward(shape, groups, channels_last):
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    x = (3 * torch.randn(shape) + 1).requires_grad_()
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = ref.weight.detach().clone().requires_grad_(), ref.bias.detach().clone().requires_grad_()
+    out_ref = ref(x)
+    out = resnet.group_norm_per_sample(x, groups, w, b, ref.eps)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(shape)
+    grads_ref = torch.autograd.grad(out_ref, (x, ref.weight, ref.bias), upstream)
+    grads = torch.autograd.grad(out, (x, w, b), upstream)
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
+def test_group_norm_per_sample_matches_the_definition_one_sample_at_a_time():
+    # the slow, obvious reference: each sample's groups on their own, biased variance
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randn(8), torch.randn(8)
+    expected = torch.empty_like(x)
+    for i in range(3):
+        for g in range(4):
+            part = x[i, 2 * g : 2 * g + 2]
+            normed = (part - part.mean()) / torch.sqrt(part.var(unbiased=False) + 1e-5)
+            expected[i, 2 * g : 2 * g + 2] = (
+                normed * w[2 * g : 2 * g + 2, None, None] + b[2 * g : 2 * g + 2, None, None]
+            )
+    out = resnet.group_norm_per_sample(x.float(), 4, w, b, 1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_sample_does_not_change_another_samples_group_norm():
+    # what makes it data-parallel under SPMD: a sample's output depends on that sample only
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 16, 7, 7), torch.randn(16), torch.randn(16)
+    out = resnet.group_norm_per_sample(x, 8, w, b, 1e-5)
+    x2 = x.clone()
+    x2[1:] = 100 * torch.randn(3, 16, 7, 7)
+    torch.testing.assert_close(resnet.group_norm_per_sample(x2, 8, w, b, 1e-5)[0], out[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet18", "resnet50"])
+def test_network_with_per_sample_group_norm_gives_the_same_logits_and_gradients(arch, monkeypatch):
+    torch.manual_seed(0)
+    net = QNetwork(num_games=2, arch=arch, mlp_dim=64).double()  # float64: 50 layers of rounding stay small
+    with torch.no_grad():  # the zero-initialised last GN scales would hide a difference in their branch
+        for m in net.modules():
+            if isinstance(m, resnet.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+    obs, game = _obs(3), torch.tensor([0, 1, 1])
+
+    def run():
+        net.zero_grad()
+        out = net(obs, game)
+        out.square().mean().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}
+
+    out_ref, grads_ref = run()
+    per_sample = lambda m, x: resnet.group_norm_per_sample(x, m.num_groups, m.weight, m.bias, m.eps)
+    monkeypatch.setattr(resnet.GroupNorm, "forward", per_sample)  # what runs on XLA
+    out, grads = run()
+    torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+    for k in grads_ref:
+        torch.testing.assert_close(
+            grads[k], grads_ref[k], rtol=1e-7, atol=1e-9, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+def test_old_checkpoints_with_nn_group_norm_load_both_ways():
+    # checkpoints written before GroupNorm had its own class hold nn.GroupNorm's weight/bias: same names
+    torch.manual_seed(0)
+    net = QNetwork(num_games=2, arch="resnet18")
+    old = QNetwork(num_games=2, arch="resnet18")
+    for name, m in list(old.named_modules()):
+        if isinstance(m, resnet.GroupNorm):
+            parent, _, attr = name.rpartition(".")
+            plain = torch.nn.GroupNorm(m.num_groups, m.num_channels, m.eps)
+            setattr(old.get_submodule(parent) if parent else old, attr, plain)
+    assert not any(isinstance(m, resnet.GroupNorm) for m in old.modules())
+    assert list(old.state_dict()) == list(net.state_dict())
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    net.load_state_dict(old.state_dict())  # strict: every name and shape the same
+    obs, game = _obs(2), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(net(obs, game), old(obs, game), rtol=0, atol=0)
+    old.load_state_dict(net.state_dict())
