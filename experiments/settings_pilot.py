@@ -42,6 +42,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "cpu-lr3e-4": dict(lr=3e-4, target_update_every=500, n_step=3, cql_alpha=0.1),
     "cpu-alpha0.01": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.01),
     "cpu-td": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.0),
+    # the demo's candidates (on its scripted data: --behavior experiments.behavior:scripted, see the docs)
+    "demo-alpha0.001": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.001),
+    "demo-alpha0.01": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.01),
 }
 
 
@@ -49,7 +52,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 class Args:
     """Training-time diagnostics of short offline runs, per candidate setting, at several steps."""
 
-    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    candidates: tuple[str, ...] = ("dopamine", "cpu", "cpu-lr3e-4", "cpu-alpha0.01", "cpu-td")
     """which of CANDIDATES to run"""
     stages: tuple[int, ...] = (1000, 2500, 5000, 10_000)
     """gradient steps at which every pilot is read"""
@@ -59,6 +62,10 @@ class Args:
     """pilot seed (the evaluated runs use 1, 2, 3)"""
     data_dir: str = "data/dqn_like"
     games: tuple[str, ...] = dqn_like.GAMES
+    behavior: str = "experiments.dqn_like:improving"
+    """the data's behavior policy (evidence.py --behavior)"""
+    transitions_per_game: int = dqn_like.STEPS_PER_CHECKPOINT * len(dqn_like.P_BETTER)
+    checkpoints_per_game: int = len(dqn_like.P_BETTER)
     runs_dir: str = "runs/settings_pilot"
     out_dir: str = "experiments/results/settings_pilot"
     """pilot.json and the training-time plots"""
@@ -70,8 +77,9 @@ class Args:
 
 def evidence_args(args: Args) -> evidence.Args:
     return evidence.Args(
-        data_dir=args.data_dir, games=tuple(args.games), batch_size=args.batch_size,
-        checkpoints_per_game=len(dqn_like.P_BETTER), diag_states=100 * len(args.games),
+        data_dir=args.data_dir, games=tuple(args.games), batch_size=args.batch_size, behavior=args.behavior,
+        transitions_per_game=args.transitions_per_game, checkpoints_per_game=args.checkpoints_per_game,
+        diag_states=100 * len(args.games),
     )  # fmt: skip
 
 
@@ -160,10 +168,9 @@ def plot(args: Args, out: dict[str, Any]) -> list[str]:
 
 def main(args: Args) -> dict[str, Any]:
     if args.quick:
-        args = dataclasses.replace(args, stages=(10, 20), jobs=1, candidates=args.candidates[:2])
-        dqn_like.make_data(dqn_like.Args(data_dir=args.data_dir, games=args.games, quick=True), capacity=200)
-    else:
-        dqn_like.make_data(dqn_like.Args(data_dir=args.data_dir, games=args.games))
+        args = dataclasses.replace(args, stages=(10, 20), jobs=1, candidates=args.candidates[:2],
+                                   transitions_per_game=200 * args.checkpoints_per_game)  # fmt: skip
+    evidence.make_data(evidence_args(args))
     out: dict[str, Any] = {"args": dataclasses.asdict(args), "candidates": {n: CANDIDATES[n] for n in
                            args.candidates}, "pilots": {}}  # fmt: skip
     if args.jobs <= 1:
