@@ -183,6 +183,25 @@ def checkpoint_support(ckpt: dict[str, Any], path: str | Path = "the checkpoint"
     return float(record["v_min"]), float(record["v_max"]), int(record["num_atoms"])
 
 
+def check_rank_state(run_dir: Path, rank: int, resume: bool) -> None:
+    """Processes > 0 (other torchrun ranks, other hosts of a pod) keep only their sampler state in the run
+    folder (replay_state_rank<r>.pt). Without --resume they must not overwrite an earlier run's; with it they
+    must see the checkpoint that process 0 wrote, i.e. the same shared --runs-dir."""
+    if rank == 0:
+        return
+    state = run_dir / f"replay_state_rank{rank}.pt"
+    if not resume and state.exists():
+        raise ConfigError(
+            f"{run_dir} already holds process {rank}'s sampler state ({state.name}) of an earlier run; pass "
+            "--resume to continue it or another --run-name to start a new run."
+        )
+    if resume and not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(
+            f"--resume: process {rank} sees no checkpoint at {run_dir / 'checkpoint.pt'}; every process "
+            "(every host of a pod, every torchrun node) must use the same shared --runs-dir."
+        )
+
+
 def load_rank_replay_state(run_dir: Path, rank: int, step: int) -> dict:
     """The sampler state a rank > 0 saved beside the checkpoint of `step`."""
     path = run_dir / f"replay_state_rank{rank}.pt"
