@@ -45,7 +45,7 @@ import replay
 import resnet
 from machinery import checkpoints, devices, flags, runs
 from machinery.devices import BatchStream, Processes, _xla_spmd, sync_device
-from machinery.flags import ConfigError, MachineryArgs, parse_checkpoints
+from machinery.flags import MachineryArgs, parse_checkpoints
 from machinery.runs import IQM_CI_KIND, Interrupted, Run, StopSignals, stop_requested, stopped_at_once
 from resnet import expected_q
 
@@ -57,7 +57,7 @@ MOVED = {
     "load_rank_replay_state make_optimizer save_checkpoint temp_path",
     devices: "broadcast_initial_weights check_spmd_args data_parallel init_xla_runtime select_device "
     "setup_distributed setup_spmd shard_batch tensors_to_cpu to_cpu xla_metrics_line",
-    flags: "FLAG_RANGES check_ranges check_sizes check_support flag_name",
+    flags: "FLAG_RANGES ConfigError check_ranges check_sizes check_support flag_name",
     runs: "NO_RESUME STOP_AGREE_EVERY TRAIN_SCALARS RunInterrupted RunLock agree_to_stop all_finite "
     "drop_history_after fetch_metrics format_summary log_evaluation log_training resume_command "
     "save_rank_debug write_hyperparameters",
@@ -93,6 +93,9 @@ class EvalArgs:
     """epsilon of the evaluation policy (DQN-Replay protocol)"""
     eval_max_steps: int = 27_000
     """agent steps per evaluation episode (DQN-Replay protocol: 27,000 = 108k frames)"""
+    capture_video: bool = False
+    """save each evaluation's first episode per game as <run_dir>/videos/step<S>/<Game>_return<R>.mp4 (and,
+    with Pillow, as an animated GIF in TensorBoard, tag videos/<Game>)"""
 
 
 @dataclass
@@ -622,7 +625,7 @@ def has_human_score(game: str) -> bool:
     return not math.isnan(atari.HUMAN_SCORES.get(game, float("nan")))
 
 
-def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[str, Any]:
+def evaluate_games(net, games, support, device, args: Args, seed: int, video_dir: Path | None = None) -> dict:
     """Play every game with its head; per-game mean return and HNS, and the IQM of HNS with a 95% CI.
 
     The IQM is rliable's over the [runs, games] matrix of per-game MEAN human-normalized scores; one
@@ -630,6 +633,7 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
     the evaluation episodes (atari.iqm_episode_noise_interval: episodes resampled within each game), not
     rliable's across-seed CI, which needs several training seeds (atari.iqm_confidence_interval on their
     [seeds, games] matrix of summary.json's per-game hns). Games without a human score: return only.
+    video_dir (--capture-video): each game's first episode goes to <video_dir>/<Game>_return<R>.mp4.
     """
     was_training = net.training
     net.eval()
@@ -644,6 +648,8 @@ def evaluate_games(net, games, support, device, args: Args, seed: int) -> dict[s
             epsilon=args.eval_epsilon,
             seed=seed + g,
             max_episode_steps=args.eval_max_steps,
+            video=None if video_dir is None else video_dir / game,
+            progress=runs.eval_progress(game),  # a line on the console, not in metrics.jsonl
         )
         scored = has_human_score(game)
         per_game[game] = {
@@ -675,17 +681,12 @@ def check_flags(args: Any) -> None:
 
 def check_game(game: str, flag: str = "--game") -> str:
     """The canonical ALE name of a game given by `flag`; an unknown one is one sentence with the closest."""
-    try:
-        return atari.check_game(game)
-    except ValueError as e:
-        raise ConfigError(f"{flag}: {e}") from None
+    return flags.check_games((game,), atari.check_game, flag)[0]
 
 
 def check_games(games: tuple[str, ...] | list[str], flag: str = "--games") -> tuple[str, ...]:
     """The canonical CamelCase names of `games` (breakout -> Breakout), each listed once."""
-    canonical = tuple(check_game(g, flag) for g in games)
-    flags.check_listed_once(canonical, games, flag)
-    return canonical
+    return flags.check_games(games, atari.check_game, flag)
 
 
 def check_args(args: Args, world_size: int) -> None:

@@ -46,6 +46,7 @@ import cql_multigame
 import replay
 import resnet
 from cql_multigame import ConfigError, EvalArgs, Interrupted, RunInterrupted, RunLock, StopSignals
+from machinery.runs import eval_progress, log_clips
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -449,9 +450,15 @@ def act(
 
 
 def evaluate_variant(
-    net: resnet.QNetwork, game: str, support: torch.Tensor, args: Args, seed: int
+    net: resnet.QNetwork,
+    game: str,
+    support: torch.Tensor,
+    args: Args,
+    seed: int,
+    video_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Play the variant with atari.evaluate; mean return and the base game's human-normalized score."""
+    """Play the variant with atari.evaluate; mean return and the base game's human-normalized score.
+    video_dir (--capture-video): the first episode goes to <video_dir>/<Game>_return<R>.mp4."""
     returns = atari.evaluate(
         cql_multigame.make_q_fn(net, 0, support, support.device, False),
         game,
@@ -464,6 +471,8 @@ def evaluate_variant(
         difficulty=args.difficulty,
         sticky_actions=args.sticky_actions,
         max_episode_steps=args.eval_max_steps,
+        video=None if video_dir is None else video_dir / game,
+        progress=eval_progress(game),  # a line on the console only
     )
     mean = float(np.mean(returns))
     hns = float(atari.human_normalized_score(game, mean)) if cql_multigame.has_human_score(game) else None
@@ -603,9 +612,10 @@ def train_online(
     def run_eval(at: int) -> bool:
         """Evaluate the network at `at` env steps; False when a signal dropped it (the run then stops, and
         the evaluation is redone on resume: run_dropped_eval)."""
+        clips = run_dir / "videos" / f"step{at}" if args.capture_video else None
         try:
             with stop.abandonable():  # a signal drops the evaluation, not the training
-                result = evaluate_variant(net, game, support, args, seed=args.seed + at)
+                result = evaluate_variant(net, game, support, args, seed=args.seed + at, video_dir=clips)
         except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
             if stop.signum is None:
                 raise
@@ -613,6 +623,7 @@ def train_online(
         result["env_steps"] = at
         evaluations.append(result)
         writer.add_scalar(f"eval/{game}/return", result["mean_return"], at)
+        log_clips(writer, clips, at)
         if result["hns"] is not None:
             writer.add_scalar(f"eval/{game}/hns", result["hns"], at)
         hns = "" if result["hns"] is None else f", human-normalized {result['hns']:.3f}"

@@ -185,9 +185,16 @@ def check_flags(args: Any, archs: Any = ()) -> None:
         parse_checkpoints(args.checkpoints)
 
 
-def check_listed_once(canonical: tuple[str, ...], given: tuple[str, ...] | list[str], flag: str) -> None:
-    """A game listed twice under any spelling (`given`, whose canonical names are `canonical`) is one
-    sentence: every game gets one head and one data folder."""
+def check_games(
+    given: tuple[str, ...] | list[str], canonical_name: Callable[[str], str], flag: str = "--games"
+) -> tuple[str, ...]:
+    """The canonical names of the games a user gave (`canonical_name`: atari.check_game, a ValueError for
+    an unknown game); an unknown game, or one listed twice under any spelling, is one sentence (every game
+    gets one head and one data folder)."""
+    try:
+        canonical = tuple(canonical_name(g) for g in given)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
     for i, game in enumerate(canonical):
         if game in canonical[:i]:
             first = given[canonical.index(game)]
@@ -196,6 +203,7 @@ def check_listed_once(canonical: tuple[str, ...], given: tuple[str, ...] | list[
                 f"{flag} lists {game} twice{spelled}; every game gets one head and one data folder, list "
                 "each once."
             )
+    return canonical
 
 
 def check_batch(batch_size: int, world_size: int, num_games: int) -> None:

@@ -129,13 +129,19 @@ class Run:
                 xla_metrics_line(step, self.processes.rank)
             )
 
+    def clip_dir(self, step: int) -> Path | None:
+        """--capture-video: where the evaluation at `step` writes its clips (None without the flag)."""
+        return self.run_dir / "videos" / f"step{step}" if getattr(self.args, "capture_video", False) else None
+
     def _play(self, learner: Any, step: int, stop: StopSignals) -> dict[str, Any] | None:
-        """self.play (evaluate_games) with seed + step; None when a signal dropped it."""
+        """self.play (evaluate_games) with seed + step (and the clips' folder with --capture-video); None
+        when a signal dropped it."""
+        clips = {"video_dir": self.clip_dir(step)} if self.clip_dir(step) is not None else {}
         try:
             with stop.abandonable():  # a signal drops this evaluation, not the training
                 return self.play(
                     learner.net, self.games, learner.support, learner.support.device, self.args,
-                    seed=self.args.seed + step,
+                    seed=self.args.seed + step, **clips,
                 )  # fmt: skip
         except Exception:  # Interrupted, or an env worker killed by the same SIGTERM
             if stop.signum is None:
@@ -148,6 +154,7 @@ class Run:
             result = self._play(learner, step, stop)
             if result is not None and self.processes.is_first:
                 log_evaluation(self.writer, result, step)
+                log_clips(self.writer, self.clip_dir(step), step)
                 self.progress.write((self.report or format_summary)(result, step))
         self.processes.barrier()
 
@@ -165,6 +172,7 @@ class Run:
             )
         if self.processes.is_first:
             log_evaluation(self.writer, result, step)
+            log_clips(self.writer, self.clip_dir(step), step)
         return result
 
     def save(self, learner: Any, step: int, replay_state: dict[str, Any]) -> bool:
@@ -334,6 +342,61 @@ def log_evaluation(writer, result: dict[str, Any], step: int) -> None:
     writer.add_scalar("eval/iqm_hns", result["iqm_hns"], step)
     writer.add_scalar("eval/iqm_hns_ci_low", result["iqm_ci"][0], step)
     writer.add_scalar("eval/iqm_hns_ci_high", result["iqm_ci"][1], step)
+
+
+def eval_progress(game: str, every_s: float = 10.0) -> Callable[[int, int, int], None]:
+    """atari.evaluate's progress callback for one game: a line every `every_s` seconds and one at the end
+    (episodes finished, agent steps, elapsed), through tqdm so that an open training bar stays intact. On
+    the console only: metrics.jsonl and TensorBoard do not get it."""
+    from tqdm import tqdm
+
+    start = last = time.perf_counter()
+
+    def report(done: int, total: int, steps: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done == total or now - last >= every_s:
+            last = now
+            elapsed = now - start
+            tqdm.write(f"evaluating {game}: {done}/{total} episodes, {steps:,} agent steps, {elapsed:.0f}s")
+
+    return report
+
+
+def log_clips(writer: Any, clip_dir: Path | None, step: int, max_frames: int = 900) -> None:
+    """--capture-video: each clip of `clip_dir` ({Game}_return{R}.mp4) to TensorBoard as an animated GIF
+    image summary (tag videos/{Game}; its first `max_frames` frames, 60 s at the decision rate, so that a
+    27,000-step episode does not make a GIF of gigabytes), built with OpenCV and Pillow: TensorBoard's
+    add_video needs moviepy, a heavy dependency. Without Pillow the MP4 files are the only copy."""
+    if writer is None or clip_dir is None or not clip_dir.is_dir():
+        return
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    import io
+
+    import cv2
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    for path in sorted(clip_dir.glob("*.mp4")):
+        capture, frames = cv2.VideoCapture(str(path)), []
+        fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
+        ok, frame = capture.read()
+        while ok and len(frames) < max_frames:
+            frames.append(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)))
+            ok, frame = capture.read()
+        capture.release()
+        if not frames:
+            continue
+        gif = io.BytesIO()
+        frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=round(1000 / fps), loop=0)  # fmt: skip
+        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3,
+                              encoded_image_string=gif.getvalue())  # fmt: skip
+        game = path.stem.split("_return")[0]
+        summary = Summary(value=[Summary.Value(tag=f"videos/{game}", image=image)])
+        writer._get_file_writer().add_summary(summary, step)
 
 
 def save_rank_debug(run_dir: Path, net: torch.nn.Module, stream: BatchStream, rank: int) -> None:
