@@ -643,6 +643,13 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
 
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    def thousands(axes) -> None:  # step ticks as 20,000, at most 5 of them (no "1000012500")
+        for ax in axes[0]:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+
     def save(fig, name: str) -> str:
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -656,7 +663,8 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         row = agg["table"][game]
         means = [row[m]["mean"] if row[m]["mean"] is not None else 0.0 for m in order]
         errs = [row[m]["se"] or 0.0 for m in order]
-        ax.bar(range(len(order)), means, yerr=errs, capsize=4, color=[colors[m] for m in order])
+        ax.bar(range(len(order)), means, yerr=errs, capsize=4, color=[colors[m] for m in order],
+               label="mean over seeds; error bar: ± 1 s.e.")  # fmt: skip
         ax.set_xticks(range(len(order)), ["data", "BC", "TD", "CQL"])
         ax.set_title(game)
         ax.axhline(0, color="black", lw=0.5)
@@ -664,6 +672,7 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
     data = "scripted" if args.behavior == BEHAVIOR_POLICY else args.behavior.partition(":")[2] + " DQN-like"
     title = f"Offline on {data} sub-optimal data, one network for all games (± s.e. over seeds)"
     fig.suptitle(title, fontsize=9)
+    axes[0][-1].legend(fontsize=7)
     bars = save(fig, "bars.png")
 
     fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
@@ -674,14 +683,17 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
             mean = np.array([c[str(s)]["mean"] if c[str(s)]["mean"] is not None else np.nan for s in steps])
             se = np.array([c[str(s)]["se"] or 0.0 for s in steps])
             ax.plot(steps, mean, marker="o", color=colors[m], label=METHOD_LABELS[m])
-            ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2)
+            ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2,
+                            label=f"{METHOD_LABELS[m]}: ± 1 s.e. over seeds")  # fmt: skip
         b = agg["table"][game]["behavior"]["mean"]
         if b is not None:
             ax.axhline(b, color=colors["behavior"], ls="--", label=METHOD_LABELS["behavior"])
         ax.set_title(game)
         ax.set_xlabel("gradient steps")
     axes[0][0].set_ylabel("evaluation return")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("Evaluation return over training: CQL, TD-only and BC on the same data", fontsize=9)
+    thousands(axes)
     curves = save(fig, "curves.png")
 
     # training-time signal: the Q-gap between the best and the second-best action on dataset states
@@ -698,6 +710,8 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         ax.set_xlabel("gradient steps")
     axes[0][0].set_ylabel("Q(best) - Q(second), dataset states")
     axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Training-time signal: Q(best) - Q(second best) on dataset states, every run", fontsize=9)
+    thousands(axes)
     return [bars, curves, save(fig, "q_gaps.png")]
 
 

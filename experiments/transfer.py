@@ -269,26 +269,34 @@ def plot(args: Args, offline: dict, online: dict, behavior: float | None, out: P
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    settings = (("mode", args.online_mode), ("difficulty", args.online_difficulty))
+    variant = ", ".join([args.online_game] + [f"{k} {v}" for k, v in settings if v is not None])  # no "None"
     paths = []
     for name, curves, xlabel, title in [
         ("transfer_offline.png", offline, "gradient steps",
-         f"offline, held-out {args.offline_game} ({args.offline_transitions:,} transitions)"),
+         f"Offline transfer to held-out {args.offline_game} ({args.offline_transitions:,} transitions):\n"
+         "pre-trained network vs the same network from scratch"),
         ("transfer_online.png", online, "agent steps",
-         f"online, {args.online_game} mode {args.online_mode} difficulty {args.online_difficulty}"),
+         f"Online transfer to {variant}:\npre-trained network vs the same network from scratch"),
     ]:  # fmt: skip
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for label, c in curves.items():
             steps = sorted(int(s) for s in c)
             mean = np.array([c[str(s)]["mean"] for s in steps])
             se = np.array([c[str(s)]["se"] for s in steps])
-            ax.plot(steps, mean, marker="o", label=label)
-            ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+            (line,) = ax.plot(steps, mean, marker="o", label=f"{label} (mean over seeds)")
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.2, color=line.get_color(),
+                            label=f"{label}: ± 1 s.e. over seeds")  # fmt: skip
         if name == "transfer_offline.png" and behavior is not None:
             ax.axhline(behavior, color="gray", linestyle="--", label="behavior (the data)")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))  # 12,500, not 12500
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"return ({args.eval_episodes} episodes, cap {args.eval_max_steps:,} steps)")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
