@@ -45,6 +45,9 @@ import numpy as np
 from ale_py import roms
 
 NUM_ACTIONS = 18  # the full ALE action set; actions everywhere in this repo are ids into it
+ACTION_NAMES = ("NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT",
+                "UPFIRE", "RIGHTFIRE", "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE",
+                "DOWNLEFTFIRE")  # fmt: skip
 FRAME_SKIP = 4
 SCREEN_SIZE = 84
 STACK_SIZE = 4

@@ -150,7 +150,13 @@ class Args(EvalArgs):
     prefetch: int = 2
     """batches sampled ahead by a background thread (0: sample inside the loop)"""
     record_missing: int = 0
-    """if > 0, record this many random-policy transitions per missing game with replay.py first (demo)"""
+    """if > 0, record this many transitions per missing game with record.py first (the demo)"""
+    record_policy: str = "random"
+    """the policy --record-missing records: random, a checkpoint, or module:function (the demo's:
+    experiments.behavior:scripted, sub-optimal with systematic mistakes)"""
+    compare_to_data: bool = False
+    """after the final evaluation, print per game the data's behavior return, the return of always pressing
+    the data's most frequent action (BC's limit), and whether the trained policy beats both (the demo)"""
 
     # --- network (resnet.py) ---
     arch: str = "resnet101"
@@ -221,10 +227,11 @@ PRESETS: dict[str, tuple[str, Args]] = {
         "of the sub-optimal preset, so that one data set contains the other)",
         Args(runs=(1,), checkpoints="nearoptimal"),
     ),
-    "demo": (
-        "CPU demo, no download: records a small random-policy dataset for 3 games, trains the tiny net",
+    "smoke": (
+        "the pipeline in minutes (the test suite's preset): random-policy data for 3 games, the tiny net; "
+        "it shows the code running, not learning (random data has almost no action-value signal)",
         Args(
-            data_dir="data/demo",
+            data_dir="data/smoke",
             games=("Breakout", "Boxing", "Freeway"),
             runs=(1,),
             checkpoints="nearoptimal",
@@ -236,6 +243,34 @@ PRESETS: dict[str, tuple[str, Args]] = {
             batch_size=32,
             lr=1e-4,
             target_update_every=500,
+            log_every=100,
+            eval_every=0,
+            eval_episodes=4,
+            eval_envs=4,
+            eval_max_steps=2000,
+            save_every=1000,
+            device="cpu",
+        ),
+    ),
+    "demo": (
+        "CPU demo, no download: records sub-optimal scripted data for 2 games, trains the tiny net with "
+        "C51 + CQL, prints the trained policy beside its data and the data's most frequent action",
+        Args(
+            data_dir="data/demo_scripted",
+            games=("Freeway", "Centipede"),
+            runs=(1,),
+            checkpoints="nearoptimal",
+            record_missing=25_000,
+            record_policy="experiments.behavior:scripted",  # mistakes that are systematic (see there)
+            compare_to_data=True,
+            memory_budget_gb=2.0,
+            reload_every=1_000_000,
+            arch="tiny",
+            total_steps=3000,
+            batch_size=32,
+            lr=1e-4,
+            target_update_every=500,
+            cql_alpha=0.001,  # chosen on training-time signals for this data (docs/results.md)
             log_every=100,
             eval_every=0,
             eval_episodes=4,
@@ -498,7 +533,9 @@ def main(args: Args) -> dict[str, Any]:
         if processes.is_first:  # one writer per run folder; also finds an unwritable --runs-dir now
             cleanup.enter_context(runs.RunLock(run_dir))
         if args.record_missing > 0 and processes.is_first:
-            record.record_missing(args.data_dir, args.games, args.runs, args.record_missing, args.seed)
+            record.record_missing(
+                args.data_dir, args.games, args.runs, args.record_missing, args.seed, args.record_policy
+            )
         processes.barrier()
 
         # the data, the network, its target copy and Adam (Sec. 4, Appendix B.3)
@@ -550,6 +587,8 @@ def main(args: Args) -> dict[str, Any]:
         if processes.is_first:
             summary.update(result)
             run.finish(summary, result, step)
+            if args.compare_to_data:
+                print(compare_to_data(args, result, seed=args.seed + step))
         processes.barrier()
         processes.close()
         return summary
@@ -667,6 +706,33 @@ def evaluate_games(net, games, support, device, args: Args, seed: int, video_dir
         lo, hi = atari.iqm_episode_noise_interval(episode_hns, seed=seed)
         result.update(iqm_hns=atari.iqm(mean_hns), iqm_ci=[lo, hi], iqm_ci_kind=IQM_CI_KIND)
     return result
+
+
+def compare_to_data(args: Args, result: dict, seed: int) -> str:
+    """The claim in one table (the demo): per game, the data's behavior (its recorded episodes), always
+    pressing the data's most frequent action (what BC's argmax converges to where the data's action does not
+    depend on the state; evaluated like the trained policy), and the trained policy."""
+    lines = ["", "the claim: does the trained policy beat its data and the data's most frequent action?", "",
+             "| game | behavior (data) | most frequent action, always | trained policy | beats both |",
+             "|---|---:|---:|---:|---|"]  # fmt: skip
+    for g, game in enumerate(args.games):
+        data = record.data_summary(Path(args.data_dir) / game / str(args.runs[0]) / "replay_logs", game)
+        constant = np.zeros(18)
+        constant[data["most_frequent_action"]] = 1.0  # Q-values of a policy that always presses it
+        always = atari.evaluate(
+            lambda obs, q=constant: np.tile(q, (len(obs), 1)), game, num_episodes=args.eval_episodes,
+            num_envs=args.eval_envs, epsilon=args.eval_epsilon, seed=seed + g,
+            max_episode_steps=args.eval_max_steps,
+        ).mean()  # fmt: skip
+        episodes = len(data["behavior_returns"])
+        behavior = float(np.mean(data["behavior_returns"])) if episodes else float("nan")  # nan: none ended
+        trained = result["games"][game]["mean_return"]
+        name = f"{atari.ACTION_NAMES[data['most_frequent_action']]} ({data['action_share']:.0%} of the data)"
+        beats = "yes" if trained > max(behavior, always) else "no"
+        lines.append(f"| {game} | {behavior:.1f} ({episodes} episodes) | {name}: {always:.1f} "
+                     f"| {trained:.1f} | {beats} |")  # fmt: skip
+    lines.append(f"(means over {args.eval_episodes} episodes of at most {args.eval_max_steps:,} steps each)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------

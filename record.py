@@ -31,6 +31,7 @@ from machinery.dqn_files import (
     ReplayWriteError,
     _scan_suffixes,
     list_checkpoints,
+    read_episode_returns,
     remove_stale_temp_files,
     scan_checkpoint,
     temp_path,
@@ -310,19 +311,36 @@ def record(
 
 
 def record_missing(
-    data_dir: str | Path, games: Sequence[str], runs: Sequence[int], capacity: int, seed: int
+    data_dir: str | Path, games: Sequence[str], runs: Sequence[int], capacity: int, seed: int,
+    policy: str = "random",
 ) -> None:
-    """The demo's cached dataset (cql_multigame.py --record-missing): `capacity` random-policy transitions
-    for each game that has no data in `data_dir` yet."""
+    """The demo's cached dataset (cql_multigame.py --record-missing, --record-policy): `capacity`
+    transitions of `policy` for each game that has no data in `data_dir` yet."""
     data_dir = Path(data_dir)
     missing = [g for g in games if not any((data_dir / g).glob("*/replay_logs/add_count_ckpt.*.gz"))]
     if not missing:
         return
     print(
-        f"recording {capacity:,} random-policy transitions for {', '.join(missing)} "
+        f"recording {capacity:,} transitions of the {policy} policy for {', '.join(missing)} "
         f"into {data_dir} (once; later runs reuse it)"
     )
-    record(data_dir, missing, runs=runs, num_checkpoints=1, capacity=capacity, policy="random", seed=seed)
+    record(data_dir, missing, runs=runs, num_checkpoints=1, capacity=capacity, policy=policy, seed=seed)
+
+
+def data_summary(logs: str | Path, game: str) -> dict[str, Any]:
+    """What one stream of recorded data holds, for comparing a trained policy with it: the behavior's
+    episode returns (saved beside the checkpoints) and the full-set action the data takes most often (BC's
+    argmax converges to it where the data's action does not depend on the state)."""
+    import atari
+
+    legal = np.asarray(atari.legal_actions(game))
+    counts = np.zeros(18, np.int64)
+    for k in list_checkpoints(logs):
+        d = replay.read_checkpoint(logs, k, store=("action", "terminal"))
+        written = replay.valid_mask(d["terminal"], int(d["add_count"]), 1)  # real transitions, no padding
+        counts += np.bincount(legal[d["action"][written]], minlength=18)
+    return {"behavior_returns": read_episode_returns(logs), "most_frequent_action": int(counts.argmax()),
+            "action_share": float(counts.max() / max(1, counts.sum()))}  # fmt: skip
 
 
 def _stream_complete(logs: Path, num_checkpoints: int, capacity: int) -> bool:

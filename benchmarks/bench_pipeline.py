@@ -42,7 +42,7 @@ import resnet  # noqa: E402
 @dataclass
 class Args:
     games: tuple[str, ...] = ("Breakout", "Boxing", "Freeway")
-    """games of the recorded data (the demo preset's)"""
+    """games of the recorded data (the smoke preset's)"""
     transitions: int = 5000
     """random-policy transitions recorded per game (once; reused from data_dir)"""
     data_dir: Path = Path("/tmp/bench_pipeline_data")
@@ -50,7 +50,7 @@ class Args:
     arch: str = "tiny"
     """network (resnet.ARCHS)"""
     batch_size: int = 32
-    """samples per update (the demo preset's)"""
+    """samples per update (the smoke preset's)"""
     steps: int = 10
     """timed steps per block"""
     rounds: int = 3

@@ -218,7 +218,7 @@ def check_train(args: Args, timeout: float) -> dict:
     log_every = max(1, args.train_steps // 8)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "cql_multigame.py", "demo", "--games", *games, "--data-dir", str(scratch / "data"),
+        "cql_multigame.py", "smoke", "--games", *games, "--data-dir", str(scratch / "data"),
         "--runs-dir", str(scratch / "runs"), "--run-name", run_dir.name,
         "--record-missing", str(args.record), "--arch", args.train_arch, "--batch-size", str(args.batch_size),
         "--total-steps", str(args.train_steps),

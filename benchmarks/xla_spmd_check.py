@@ -83,7 +83,7 @@ def train(args: Args, name: str, devices: int | None, extra: list[str], steps: i
     scratch = Path(args.scratch)
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices or 1), "OMP_NUM_THREADS": "2"}
     cmd = [
-        sys.executable, "cql_multigame.py", "demo",
+        sys.executable, "cql_multigame.py", "smoke",
         "--data-dir", str(scratch / "data"), "--runs-dir", str(scratch / "runs"), "--run-name", name,
         "--record-missing", "2000", "--total-steps", str(steps or args.steps),
         "--batch-size", str(args.batch_size),

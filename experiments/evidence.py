@@ -57,9 +57,7 @@ import replay  # noqa: E402
 
 BEHAVIOR_POLICY = "experiments.behavior:scripted"
 METHODS = ("cql", "bc", "td")  # the order of every table and plot
-ACTION_NAMES = ("NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT",
-                "UPFIRE", "RIGHTFIRE", "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE",
-                "DOWNLEFTFIRE")  # fmt: skip
+ACTION_NAMES = atari.ACTION_NAMES
 METHOD_LABELS = {
     "behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"
 }  # fmt: skip

@@ -14,13 +14,13 @@ from cql_multigame import PRESETS, cli, main
 
 
 def test_capture_video_flag_parses():
-    assert cli(["demo", "--capture-video"]).capture_video
-    assert not cli(["demo"]).capture_video
+    assert cli(["smoke", "--capture-video"]).capture_video
+    assert not cli(["smoke"]).capture_video
 
 
 def test_capture_video_writes_a_clip_per_game_per_evaluation(data_dir, tmp_path, capsys):
     args = dataclasses.replace(
-        PRESETS["demo"][1], data_dir=str(data_dir), runs_dir=str(tmp_path), run_name="clips",
+        PRESETS["smoke"][1], data_dir=str(data_dir), runs_dir=str(tmp_path), run_name="clips",
         record_missing=0, total_steps=4, eval_every=2, batch_size=12, log_every=1, save_every=4,
         eval_episodes=1, eval_envs=1, eval_max_steps=15, capture_video=True,
     )  # fmt: skip
@@ -52,7 +52,7 @@ def test_capture_video_writes_a_clip_per_game_per_evaluation(data_dir, tmp_path,
 
 def test_no_capture_video_writes_no_clips(data_dir, tmp_path):
     args = dataclasses.replace(
-        PRESETS["demo"][1], data_dir=str(data_dir), runs_dir=str(tmp_path), run_name="plain",
+        PRESETS["smoke"][1], data_dir=str(data_dir), runs_dir=str(tmp_path), run_name="plain",
         record_missing=0, total_steps=2, batch_size=12, log_every=1, save_every=2,
         eval_episodes=1, eval_envs=1, eval_max_steps=5,
     )  # fmt: skip

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(data_dir, runs_dir, **overrides) -> Args:
-    """The demo preset, shrunk to seconds."""
+    """The smoke preset, shrunk to seconds."""
     base = dataclasses.replace(
-        PRESETS["demo"][1],
+        PRESETS["smoke"][1],
         data_dir=str(data_dir),
         runs_dir=str(runs_dir),
         record_missing=0,
@@ -52,7 +52,7 @@ def run_script(*argv, timeout=300, env=None):
 
 
 def test_presets_parse():
-    args = cli(["demo", "--total-steps", "5"])
+    args = cli(["smoke", "--total-steps", "5"])
     assert args.arch == "tiny" and args.total_steps == 5
     paper = cli(["paper-suboptimal"])
     assert (paper.arch, paper.batch_size, paper.lr, paper.target_update_every, paper.n_step) == (
@@ -74,7 +74,7 @@ def test_presets_parse():
 def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
     r = run_script(
         "cql_multigame.py",
-        "demo",
+        "smoke",
         "--data-dir",
         str(data_dir),
         "--runs-dir",
@@ -114,7 +114,7 @@ def test_script_runs_and_writes_logs_checkpoint_and_summary(data_dir, tmp_path):
     # a second start with the same --run-name must not overwrite it
     r2 = run_script(
         "cql_multigame.py",
-        "demo",
+        "smoke",
         "--data-dir",
         str(data_dir),
         "--runs-dir",
@@ -174,7 +174,7 @@ def test_torchrun_two_processes_keep_identical_parameters(data_dir, tmp_path):
         "--nproc_per_node",
         "2",
         "cql_multigame.py",
-        "demo",
+        "smoke",
         "--data-dir",
         str(data_dir),
         "--runs-dir",
@@ -226,7 +226,7 @@ def test_torchrun_four_processes_split_the_games_of_the_global_batch(data_dir, t
     steps = 6
     r = run_script(
         "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-        "cql_multigame.py", "demo", "--games", *games, "--data-dir", str(data6),
+        "cql_multigame.py", "smoke", "--games", *games, "--data-dir", str(data6),
         "--runs-dir", str(tmp_path / "runs"), "--run-name", "four", "--record-missing", "0",
         "--total-steps", str(steps), "--batch-size", "8", "--log-every", "3", "--save-every", "3",
         "--target-update-every", "2", "--eval-episodes", "1", "--eval-envs", "1", "--eval-max-steps", "5",
@@ -274,7 +274,7 @@ def test_bad_input_stops_with_one_sentence(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="holds a tiny network but --arch is impala"):
         main(tiny_args(data_dir, tmp_path, run_name="tinyrun", arch="impala", resume=True))
     # and from the command line: one line, no traceback
-    r = run_script("cql_multigame.py", "demo", "--arch", "resnet7", "--data-dir", str(data_dir))
+    r = run_script("cql_multigame.py", "smoke", "--arch", "resnet7", "--data-dir", str(data_dir))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 

@@ -20,7 +20,7 @@ import replay
 from finetune_offline import Args, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["Breakout", "Boxing", "Freeway"]  # the cql_multigame.py demo preset's games
+TRAIN = ["Breakout", "Boxing", "Freeway"]  # the cql_multigame.py smoke preset's games
 HELDOUT = "Pong"
 SHARED = ("trunk.", "spatial_embedding.", "shared_mlp.")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
         "--prefetch 0 --eval-episodes 1 --eval-envs 1 --eval-max-steps 50"
     ).split()
     out = subprocess.run(
-        [sys.executable, "cql_multigame.py", "demo", *flags],
+        [sys.executable, "cql_multigame.py", "smoke", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -46,7 +46,7 @@ def flags(**kw):
 def checkpoint(tmp_path_factory):
     """A tiny cql_multigame.py checkpoint (games Breakout, Boxing, Freeway), made the way users make one."""
     root = tmp_path_factory.mktemp("pretrain")
-    cmd = [sys.executable, "cql_multigame.py", "demo", "--data-dir", str(root / "data"), "--runs-dir",
+    cmd = [sys.executable, "cql_multigame.py", "smoke", "--data-dir", str(root / "data"), "--runs-dir",
            str(root / "runs"), "--record-missing", "2000", "--total-steps", "10", "--eval-episodes", "1",
            "--eval-envs", "1", "--eval-max-steps", "50"]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)

@@ -34,7 +34,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def tiny_args(data_dir, runs_dir, **overrides) -> Args:
-    """test_cql_multigame's seconds-long demo run, sampling inside the loop (no prefetch thread)."""
+    """test_cql_multigame's seconds-long smoke run, sampling inside the loop (no prefetch thread)."""
     return cql_tiny_args(data_dir, runs_dir, **{"prefetch": 0, **overrides})
 
 
@@ -48,7 +48,7 @@ def train_command(data_dir, runs_dir, **flags) -> list[str]:
         **flags,
     }  # fmt: skip
     argv = [x for k, v in flags.items() for x in (cql_multigame.flag_name(k), str(v))]
-    return [sys.executable, "cql_multigame.py", "demo", *argv]
+    return [sys.executable, "cql_multigame.py", "smoke", *argv]
 
 
 def start(cmd) -> subprocess.Popen:
@@ -153,7 +153,7 @@ def test_record_missing_checks_every_flag_before_recording(tmp_path):
         main(tiny_args(data, tmp_path / "runs", record_missing=500, lr=0.0))
     assert not data.exists()  # nothing was recorded
     r = subprocess.run(
-        [sys.executable, "cql_multigame.py", "demo", "--data-dir", str(data), "--runs-dir", str(tmp_path),
+        [sys.executable, "cql_multigame.py", "smoke", "--data-dir", str(data), "--runs-dir", str(tmp_path),
          "--record-missing", "500", "--save-every", "0"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
