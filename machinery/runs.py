@@ -2,8 +2,9 @@
 
 `Run` is one run folder as the training loop writes it: TensorBoard scalars and metrics.jsonl, the
 evaluations' tables, checkpoint.pt and the line an interruption prints. `RunLock` gives a folder one
-writer; `StopSignals` turns SIGINT/SIGTERM into a checkpoint and a clean stop (all processes agree on the
-step); `run_script` turns a user's mistake into one line instead of a traceback.
+writer; `StopSignals` turns SIGINT/SIGTERM/SIGHUP into a checkpoint and a clean stop (all processes, and
+all hosts of an SPMD run, agree on the step); `run_script` turns a user's mistake into one line instead
+of a traceback.
 
 Machinery: what a real run needs and the paper does not describe. A reader of the paper may skip it.
 """
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from machinery.checkpoints import DiskWriteError, checkpoint_state, save_checkpoint
-from machinery.devices import BatchStream, Processes, to_cpu, xla_metrics_line
+from machinery.devices import BatchStream, Processes, spmd_any, to_cpu, xla_metrics_line
 from machinery.dqn_files import ReplayDataError, open_no_follow, remove_stale_temp_files, write_file
 from machinery.flags import ConfigError, flat_dict
 
@@ -103,12 +104,14 @@ class Run:
             self.progress.update(1)
 
     def log(self, step: int, metrics: dict[str, torch.Tensor], stream: BatchStream, optimizer: Any) -> None:
-        """A log interval: the metrics to floats on every process (a non-finite loss stops the run), then
-        TensorBoard, metrics.jsonl and the progress bar on the first."""
+        """A log interval: the metrics, as means over the global batch (mean_over_processes), to floats on
+        every process (a non-finite loss stops every process), then TensorBoard, metrics.jsonl and the
+        progress bar on the first."""
         lr_hint = " (--resume applies it to the restored Adam)" if self.resume_cmd else ""
         values = fetch_metrics(
-            metrics, f"at step {step}", f"{self.last_good_text()}; lower --lr{lr_hint} or check the data."
-        )
+            mean_over_processes(metrics, self.processes), f"at step {step}",
+            f"{self.last_good_text()}; lower --lr{lr_hint} or check the data.",
+        )  # fmt: skip
         if self.processes.is_first:
             now = time.perf_counter()
             last_time, last_step, last_wait = self._last_log
@@ -135,10 +138,13 @@ class Run:
 
     def _play(self, learner: Any, step: int, stop: StopSignals) -> dict[str, Any] | None:
         """self.play (evaluate_games) with seed + step (and the clips' folder with --capture-video); None
-        when a signal dropped it."""
+        when a signal dropped it. SPMD over several hosts: every host runs the evaluation's graphs, so a first
+        signal does not drop it on one host alone (the others would wait for that host); it finishes, and the
+        hosts agree on the stop right after."""
+        hosts_in_step = self.processes.spmd and self.processes.world_size > 1
         clips = {"video_dir": self.clip_dir(step)} if self.clip_dir(step) is not None else {}
         try:
-            with stop.abandonable():  # a signal drops this evaluation, not the training
+            with stop.deferred() if hosts_in_step else stop.abandonable():  # not the training
                 return self.play(
                     learner.net, self.games, learner.support, learner.support.device, self.args,
                     seed=self.args.seed + step, **clips,
@@ -247,6 +253,19 @@ def fetch_metrics(metrics: dict[str, torch.Tensor], where: str, advice: str) -> 
             f"the loss became {values['loss']} {where} (last metrics {values}); {advice}"
         )
     return values
+
+
+def mean_over_processes(metrics: dict[str, torch.Tensor], processes: Processes) -> dict[str, torch.Tensor]:
+    """The metrics over the global batch. Each is a mean over a process's rows, and every process has as
+    many rows, so under DDP their mean over processes is the global batch's: one all-reduce of the stacked
+    values, at log steps only. SPMD computes on the global batch already; XLA multiprocess
+    (--xla-multiprocess) keeps the first process's own rows."""
+    if processes.world_size == 1 or processes.xla:
+        return metrics
+    keys = list(metrics)
+    stacked = torch.stack([metrics[k].detach().float() for k in keys])  # [M]
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG
+    return dict(zip(keys, stacked / processes.world_size, strict=True))
 
 
 def log_training(
@@ -440,8 +459,8 @@ class RunLock:
 
     NAME = "run.lock"
 
-    def __init__(self, run_dir: str | Path, flag: str = "--run-name"):
-        self.run_dir, self.path, self.flag = Path(run_dir), Path(run_dir) / self.NAME, flag
+    def __init__(self, run_dir: str | Path, flag: str = "--run-name", name: str = NAME):
+        self.run_dir, self.path, self.flag = Path(run_dir), Path(run_dir) / name, flag
         self._fd: int | None = None
         self._created_dir = False
 
@@ -513,6 +532,13 @@ class RunLock:
         self.release()
 
 
+def rank_lock_name(rank: int) -> str:
+    """The lock file of process `rank` in a run folder: run.lock for the first, run.rank<r>.lock for the
+    others (which write their own sampler state there), so no process of a second launch can write into a
+    running run's folder."""
+    return RunLock.NAME if rank == 0 else f"run.rank{rank}.lock"
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived where the work can be dropped (data load, evaluation, a second signal)."""
 
@@ -539,8 +565,14 @@ def stopped_at_once(e: Interrupted, where: str, what_next: str) -> RunInterrupte
     )
 
 
+# SIGINT (Ctrl-C), SIGTERM (what schedulers and `kill` send) and SIGHUP (the terminal or ssh session that
+# started the run closed, e.g. Ctrl-C on `gcloud ... ssh --worker=all`): the same stop request.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) as a stop request, inside `with StopSignals()`.
+    """SIGINT (Ctrl-C), SIGTERM (what schedulers send) and SIGHUP as a stop request, inside
+    `with StopSignals()`.
 
     While `abandon` is True (start-up, data load, evaluation) a signal raises Interrupted at once: that work
     is dropped. In the training loop the scripts set abandon False: the signal only sets `signum`, the
@@ -556,7 +588,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -576,6 +608,15 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     @contextlib.contextmanager
+    def deferred(self):
+        """Work inside finishes on a first signal (only `signum` is set); a second one still stops at once."""
+        previous, self.abandon = self.abandon, False
+        try:
+            yield
+        finally:
+            self.abandon = previous
+
+    @contextlib.contextmanager
     def abandonable(self):
         """Work inside may be dropped by a signal (evaluation): it raises Interrupted, also if one came
         before."""
@@ -591,9 +632,12 @@ class StopSignals:
 def agree_to_stop(processes: Processes, requested: bool) -> bool:
     """Every process stops at the same step: True if any process got a signal. One process: no
     communication. DDP: a MAX all-reduce of one integer over a gloo group (host memory, no GPU sync);
-    XLA: torch_xla's mesh_reduce (host values)."""
+    XLA SPMD (one process per host): a MAX over the devices of all hosts (devices.spmd_any; xr.world_size()
+    is 1 there, so mesh_reduce would only see this host); XLA multiprocess: torch_xla's mesh_reduce."""
     if processes.world_size == 1:
         return requested
+    if processes.spmd:
+        return spmd_any(requested, processes.mesh)
     if processes.xla:
         import torch_xla.core.xla_model as xm
 
@@ -639,15 +683,36 @@ def run_folder(runs_dir: str, run_name: str, base: str, resume: bool) -> Path:
     return root / names[-1]
 
 
-def resume_command(run_dir: Path, script: str) -> str:
-    """The command that continues `run_dir`: this process's own command line with --resume and --run-name
-    (as `python script ...` when it was started another way, e.g. from a test)."""
+def resume_command(run_dir: Path, script: str, spmd_hosts: int = 1) -> str:
+    """The command that continues `run_dir`: this process's own command line with --resume and --run-name,
+    behind the launcher that started it (`launcher`: torchrun and its flags, or python; `python script ...`
+    when it was started another way, e.g. from a test). An SPMD run over several hosts: the same line on
+    every host."""
     argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == script else ["..."]
     if "--resume" not in argv:
         argv = [*argv, "--resume"]
     if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
         argv = [*argv, "--run-name", run_dir.name]
-    return " ".join(["python", script, *(shlex.quote(a) if a != "..." else a for a in argv)])
+    start, where = launcher()
+    line = " ".join([*start, script, *(shlex.quote(a) if a != "..." else a for a in argv)])
+    if spmd_hosts > 1:
+        where = f" (on each of the {spmd_hosts} hosts)"
+    return line + where
+
+
+def launcher() -> tuple[list[str], str]:
+    """How this process was started, as the start of a command line, and where else it must run: torchrun
+    with the node and process counts it was given (several nodes: the first node's line, with the
+    rendezvous address; the others run it with their own --node_rank), otherwise python."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env or "LOCAL_WORLD_SIZE" not in env:  # set by torchrun only
+        return ["python"], ""
+    nodes, per_node = env.get("GROUP_WORLD_SIZE", "1"), env["LOCAL_WORLD_SIZE"]
+    if nodes == "1":
+        return ["torchrun", "--standalone", "--nproc_per_node", per_node], ""
+    address = ["--master_addr", env.get("MASTER_ADDR", "?"), "--master_port", env.get("MASTER_PORT", "29500")]
+    start = ["torchrun", "--nnodes", nodes, "--nproc_per_node", per_node, "--node_rank", "0", *address]
+    return start, f" (and on the other nodes the same with --node_rank 1 .. {int(nodes) - 1})"
 
 
 def run_script(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...] = ()) -> None:
