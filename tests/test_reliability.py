@@ -252,7 +252,7 @@ def test_sigterm_saves_the_step_prints_how_to_resume_and_a_second_writer_is_refu
     assert line.startswith("interrupted by SIGTERM at step "), line
     step = int(line.split("at step ")[1].split()[0].replace(",", ""))
     assert f"checkpoint saved to {run_dir / 'checkpoint.pt'}" in line
-    assert line.endswith("--run-name long --resume") and "python cql_multigame.py demo" in line
+    assert line.endswith("--run-name long --resume") and "python cql_multigame.py smoke" in line
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == step >= 2
     assert not list(run_dir.glob("*.tmp")) and not (run_dir / RunLock.NAME).exists()
