@@ -178,7 +178,9 @@ def main(args: Args) -> dict[str, Any]:
             out["pilots"][name] = pilot(args, name)
     else:
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=ctx, initializer=evidence._die_with_parent  # no orphans if it is killed
+        ) as pool:
             futures = {pool.submit(pilot, args, n): n for n in args.candidates}
             for f in concurrent.futures.as_completed(futures):
                 out["pilots"][futures[f]] = f.result()
