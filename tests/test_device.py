@@ -149,9 +149,9 @@ def test_batch_stream_brings_the_same_batches_to_the_device(data_dir):
 )
 def test_training_script_runs_and_resumes_on_the_device(data_dir, tmp_path):
     base = dataclasses.replace(
-        cql.PRESETS["smoke"][1], games=GAMES, data_dir=str(data_dir), runs_dir=str(tmp_path), record_missing=0,
-        total_steps=6, batch_size=8, log_every=1, save_every=3, target_update_every=2, eval_episodes=1,
-        eval_envs=1, eval_max_steps=20, device=str(DEVICE),
+        cql.PRESETS["smoke"][1], games=GAMES, data_dir=str(data_dir), runs_dir=str(tmp_path),
+        record_missing=0, total_steps=6, batch_size=8, log_every=1, save_every=3, target_update_every=2,
+        eval_episodes=1, eval_envs=1, eval_max_steps=20, device=str(DEVICE),
     )  # fmt: skip
     cql.main(dataclasses.replace(base, run_name="full"))
     cql.main(dataclasses.replace(base, run_name="cut", total_steps=3))
