@@ -141,18 +141,21 @@ def plot(args: Args, out: dict[str, Any]) -> list[str]:
         steps = [int(s) for s in stages]
         for c, game in enumerate(args.games):
             ax = axes[r][c]
-            actions = stages[str(steps[-1])]["games"][game]["mean_q"]
-            for a in actions:
-                ax.plot(steps, [stages[str(s)]["games"][game]["mean_q"][a] for s in steps],
-                        label=evidence.ACTION_NAMES[int(a)], lw=1)  # fmt: skip
+            final = stages[str(steps[-1])]["games"][game]["mean_q"]
+            top = sorted(final, key=final.get, reverse=True)[:3]  # named in the legend; the rest grey
+            for a in sorted(final, key=lambda a: a in top):
+                named = a in top
+                q = [stages[str(s)]["games"][game]["mean_q"][a] for s in steps]
+                ax.plot(steps, q, lw=1.2 if named else 0.6, color=None if named else "0.75",
+                        label=evidence.ACTION_NAMES[int(a)] if named else None)  # fmt: skip
             ax.set_title(f"{name}: {game}", fontsize=8)
             ax.tick_params(labelsize=7)
             if c == 0:
                 ax.set_ylabel("mean Q on data states", fontsize=7)
             if r == len(names) - 1:
                 ax.set_xlabel("gradient step", fontsize=7)
-            if len(actions) <= 6:
-                ax.legend(fontsize=6)
+            title = "highest 3 (others grey)" if len(final) > 3 else None
+            ax.legend(fontsize=6, title=title, title_fontsize=6)
         ax = axes[r][-1]
         ax.plot(steps, [stages[str(s)]["td_loss"] for s in steps], "k.-")
         ax.set_title(f"{name}: TD loss (C51 cross-entropy)", fontsize=8)
