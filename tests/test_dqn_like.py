@@ -85,3 +85,35 @@ def test_recorded_in_the_dqn_replay_format(tmp_path):
     data = replay.read_checkpoint(logs, 1)
     assert data["observation"].shape == (150, 84, 84)
     assert set(np.unique(data["action"])) <= {0, 1, 2}  # Freeway's minimal set: NOOP, UP, DOWN
+
+
+def test_settings_pilot_and_clips_quick_path(tmp_path):
+    """The pilot's whole path on toy data (two candidates, two stages, diagnostics, plot), then a clip of one
+    of its networks: a GIF with one frame per decision."""
+    from PIL import Image
+
+    from experiments import clips, settings_pilot
+
+    args = settings_pilot.Args(data_dir=str(tmp_path / "data"), runs_dir=str(tmp_path / "runs"),
+                               out_dir=str(tmp_path / "out"), quick=True)  # fmt: skip
+    out = settings_pilot.main(args)
+    assert list(out["pilots"]) == ["dopamine", "cpu"]
+    for stages in out["pilots"].values():
+        assert list(stages) == ["10", "20"]
+        for game in dl.GAMES:
+            d = stages["20"]["games"][game]
+            assert set(d["mean_q"]) == {str(a) for a in atari.legal_actions(game)}
+            assert 0 < d["greedy_mode_share"] <= 1
+        assert stages["20"]["td_loss"] is not None
+    assert (tmp_path / "out" / "pilot_signals.png").is_file()
+    run = tmp_path / "runs" / "cpu_seed0"
+    clip_args = clips.Args(runs=(str(run),), game="Breakout", labels=("CQL",), out_dir=str(tmp_path / "c"),
+                           seconds=1.0, max_steps=30)  # fmt: skip
+    [gif] = clips.main(clip_args)
+    im = Image.open(gif)
+    durations = []
+    for k in range(im.n_frames):  # Pillow merges identical consecutive frames, adding up their durations
+        im.seek(k)
+        durations.append(im.info["duration"])
+    # 15 decisions, 1 s at the decision rate (GIF stores durations in 10 ms units: 67 ms becomes 60 or 70)
+    assert abs(sum(durations) - 1000) <= 50 and len(durations) <= 15
