@@ -34,7 +34,7 @@ import re
 import signal
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -655,28 +655,42 @@ def evaluate(
     return np.asarray([r for slot in returns for r in slot], dtype=np.float64)
 
 
-PROGRESS_EVERY = 500  # batched env steps between two progress calls of `evaluate` (ours)
+PROGRESS_EVERY = 500  # batched env steps between two progress calls of `evaluate`
 VIDEO_FPS = 60 / FRAME_SKIP  # the agent's decision rate in real time: 15 decisions per emulated second
 
 
-def replay_episode_frames(
+def episode_frames(
     env_kwargs: dict[str, Any], seed: int, actions: Sequence[int]
-) -> tuple[list[np.ndarray], float]:
-    """Re-play an episode from its env seed and actions; the RGB screen [210, 160, 3] after the reset and
-    after every agent step (the decision rate), and the episode's return.
+) -> Iterator[tuple[np.ndarray, float]]:
+    """Re-play an episode from its env seed and actions, yielding (the RGB screen [210, 160, 3], the return so
+    far) after the reset and after every agent step (the decision rate), one at a time: a 27,000-step episode
+    never sits in memory.
 
     ALE is deterministic given the seed of its first reset (sticky actions included), so the same
     (seed, actions) give the same episode as in evaluate; this keeps the video out of the env slots (which
     may live in worker processes) and costs nothing when no video is asked for."""
     env = make_env(**env_kwargs, seed=int(seed))
     ale = env.unwrapped.ale
-    env.reset()
-    frames, total = [ale.getScreenRGB()], 0.0
-    for a in actions:
-        _, reward, _, _, _ = env.step(int(a))
-        frames.append(ale.getScreenRGB())
-        total += float(reward)
-    env.close()
+    try:
+        env.reset()
+        total = 0.0
+        yield ale.getScreenRGB(), total
+        for a in actions:
+            _, reward, _, _, _ = env.step(int(a))
+            total += float(reward)
+            yield ale.getScreenRGB(), total
+    finally:
+        env.close()
+
+
+def replay_episode_frames(
+    env_kwargs: dict[str, Any], seed: int, actions: Sequence[int]
+) -> tuple[list[np.ndarray], float]:
+    """episode_frames as a list (short episodes: tests, clips) and the episode's return."""
+    frames, total = [], 0.0
+    for frame, so_far in episode_frames(env_kwargs, seed, actions):
+        frames.append(frame)
+        total = so_far
     return frames, total
 
 
@@ -684,19 +698,25 @@ def write_episode_video(
     video: str | Path, env_kwargs: dict[str, Any], seed: int, actions: Sequence[int], episode_return: float
 ) -> Path:
     """Write one episode as `{video}_return{R:g}.mp4` (OpenCV's mp4v codec, VIDEO_FPS frames per second,
-    one frame per agent decision, plus the first frame after the reset). Returns the path."""
-    frames, total = replay_episode_frames(env_kwargs, seed, actions)
-    if total != episode_return:  # a broken determinism assumption must not label a clip with a wrong score
-        raise RuntimeError(f"video: the re-played episode scored {total:g}, evaluate {episode_return:g}.")
+    one frame per agent decision, plus the first frame after the reset), frame by frame. Returns the path."""
     path = Path(f"{video}_return{episode_return:g}.mp4")
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (width, height))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write the video {path}.")
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
+    writer, total = None, 0.0
+    try:
+        for frame, so_far in episode_frames(env_kwargs, seed, actions):
+            if writer is None:
+                size = (frame.shape[1], frame.shape[0])  # (width, height)
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, size)
+                if not writer.isOpened():
+                    raise OSError(f"OpenCV cannot write the video {path}.")
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            total = so_far
+    finally:
+        if writer is not None:
+            writer.release()
+    if total != episode_return:  # a broken determinism assumption must not label a clip with a wrong score
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"video: the re-played episode scored {total:g}, evaluate {episode_return:g}.")
     return path
 
 
