@@ -436,14 +436,15 @@ def add_mean_q(args: Args, runs: dict[str, dict[str, Any]]) -> None:
         write_stages(run_dir / "stages.json", stages)
 
 
-def _die_with_parent() -> None:
-    """Worker initializer: on Linux, the kernel ends this worker when the process that started it dies (a
-    killed or interrupted evidence.py must not leave a worker training into the same run folder)."""
+def _die_with_parent(signum: int = 15) -> None:
+    """Worker initializer: on Linux, the kernel sends this worker `signum` (SIGTERM: it saves its step and
+    stops) when the process that started it dies (a killed or interrupted evidence.py must not leave a
+    worker training into the same run folder). settings_pilot.py passes SIGKILL: its workers go on to the
+    next stage after a SIGTERM, and a pilot stage resumes from its last checkpoint anyway."""
     try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import multiprocessing
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,8 @@ def main(args: Args) -> dict[str, Any]:
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-            args.jobs, mp_context=ctx, initializer=evidence._die_with_parent  # no orphans if it is killed
-        ) as pool:
+            args.jobs, mp_context=ctx, initializer=evidence._die_with_parent, initargs=(signal.SIGKILL,)
+        ) as pool:  # no orphan goes on training if the pilot is killed
             futures = {pool.submit(pilot, args, n): n for n in args.candidates}
             for f in concurrent.futures.as_completed(futures):
                 out["pilots"][futures[f]] = f.result()
