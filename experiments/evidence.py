@@ -144,6 +144,8 @@ class Args:
     claim_se: float = 1.0
     """the claim holds in a game where CQL's mean is above the behavior's and BC's by more than this many
     standard errors of the difference (the first data set's runs used 1; the DQN-like target is 2)"""
+    replot: bool = False
+    """draw the PNG plots again from --out-dir's results.json (no data, no training)"""
     quick: bool = False
     """seconds: a few hundred transitions, a few steps, one seed, 1 short episode (the path, not skill)"""
 
@@ -662,16 +664,16 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
         row = agg["table"][game]
         means = [row[m]["mean"] if row[m]["mean"] is not None else 0.0 for m in order]
         errs = [row[m]["se"] or 0.0 for m in order]
-        ax.bar(range(len(order)), means, yerr=errs, capsize=4, color=[colors[m] for m in order],
-               label="mean over seeds; error bar: ± 1 s.e.")  # fmt: skip
+        ax.bar(range(len(order)), means, yerr=errs, capsize=4, color=[colors[m] for m in order])
         ax.set_xticks(range(len(order)), ["data", "BC", "TD", "CQL"])
         ax.set_title(game)
         ax.axhline(0, color="black", lw=0.5)
     axes[0][0].set_ylabel(f"return (step {args.eval_at[-1]:,})")
     data = "scripted" if args.behavior == BEHAVIOR_POLICY else args.behavior.partition(":")[2] + " DQN-like"
-    title = f"Offline on {data} sub-optimal data, one network for all games (± s.e. over seeds)"
+    td = f"TD: {len(args.td_seeds)} seed(s)" if len(args.td_seeds) < len(args.seeds) else "TD too"
+    title = (f"Offline on {data} sub-optimal data, one network for all games. BC, CQL ({td}): mean over "
+             f"{len(args.seeds)} seeds, error bar ± 1 s.e. over seeds; data: its recorded episodes, ± 1 s.e.")
     fig.suptitle(title, fontsize=9)
-    axes[0][-1].legend(fontsize=7)
     bars = save(fig, "bars.png")
 
     fig, axes = plt.subplots(1, len(args.games), figsize=(3.6 * len(args.games), 3.2), squeeze=False)
@@ -715,6 +717,12 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
 
 
 def main(args: Args) -> dict[str, Any]:
+    if args.replot:  # the PNGs again from the committed numbers, no training
+        saved = json.loads((Path(args.out_dir) / "results.json").read_text())
+        fields = {f.name for f in dataclasses.fields(Args)} - {"replot"}
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["args"].items() if k in fields}
+        saved_args = dataclasses.replace(args, **kept)
+        return {"plots": plot(saved_args, saved, saved["runs"], Path(args.out_dir))}
     if args.quick:
         args = quick_args(args)
     for game in args.games:

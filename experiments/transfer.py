@@ -104,6 +104,8 @@ class Args:
     """torch threads"""
     plots: bool = True
     """write PNG plots (needs matplotlib)"""
+    replot: bool = False
+    """draw the PNG plots again from --out-dir's results.json (no data, no training)"""
     quick: bool = False
     """seconds: a few hundred transitions and steps, one seed, 1 short episode (the path, not skill)"""
 
@@ -305,6 +307,11 @@ def plot(args: Args, offline: dict, online: dict, behavior: float | None, out: P
 
 
 def main(args: Args) -> dict[str, Any]:
+    if args.replot:  # the PNGs again from the committed numbers, no training
+        saved = json.loads((Path(args.out_dir) / "results.json").read_text())
+        saved_args = dataclasses.replace(args, **{k: v for k, v in saved["args"].items() if k != "replot"})
+        behavior = saved["offline_behavior"]["mean"]
+        return {"plots": plot(saved_args, saved["offline"], saved["online"], behavior, Path(args.out_dir))}
     if args.quick:
         args = quick_args(args)
     if not Path(args.checkpoint).is_file():

@@ -3,6 +3,8 @@ checkpoint as specified, and the recorder writes its data in the DQN-Replay form
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 import atari
@@ -117,3 +119,20 @@ def test_settings_pilot_and_clips_quick_path(tmp_path):
         durations.append(im.info["duration"])
     # 15 decisions, 1 s at the decision rate (GIF stores durations in 10 ms units: 67 ms becomes 60 or 70)
     assert abs(sum(durations) - 1000) <= 50 and len(durations) <= 15
+
+
+def test_replot_draws_the_committed_results_again(tmp_path):
+    """evidence.py and transfer.py --replot: the PNGs from a results.json alone (no data, no runs)."""
+    import shutil
+
+    from experiments import evidence, transfer
+
+    root = Path(__file__).resolve().parent.parent / "experiments" / "results"
+    cases = [(evidence, "evidence", {"bars.png", "curves.png", "q_gaps.png"}),
+             (transfer, "transfer", {"transfer_offline.png", "transfer_online.png"})]  # fmt: skip
+    for module, folder, names in cases:
+        out = tmp_path / folder
+        out.mkdir()
+        shutil.copy(root / folder / "results.json", out / "results.json")
+        plots = module.main(module.Args(out_dir=str(out), replot=True))["plots"]
+        assert {Path(p).name for p in plots} == names and all(Path(p).stat().st_size > 10_000 for p in plots)
