@@ -20,6 +20,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class Args:
     """device for the learner, pipeline and network benchmarks (auto, cpu, cuda, ...)"""
     out_dir: Path | None = None
     """where every JSON and the final table go (default: benchmarks/results, with --quick: <scratch>/quick)"""
-    scratch: Path = Path("/tmp/scaledql_bench")
+    scratch: Path = Path(tempfile.gettempdir()) / "scaledql_bench"
     """recorded data for the replay and pipeline benchmarks (reused when present)"""
 
 

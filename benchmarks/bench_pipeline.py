@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class Args:
     """games of the recorded data (the smoke preset's)"""
     transitions: int = 5000
     """random-policy transitions recorded per game (once; reused from data_dir)"""
-    data_dir: Path = Path("/tmp/bench_pipeline_data")
+    data_dir: Path = Path(tempfile.gettempdir()) / "bench_pipeline_data"
     """where the recorded data goes"""
     arch: str = "tiny"
     """network (resnet.ARCHS)"""

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import replay  # noqa: E402
 
 @dataclasses.dataclass
 class Args:
-    work_dir: str = "/tmp/bench_replay"
+    work_dir: str = str(Path(tempfile.gettempdir()) / "bench_replay")
     """scratch folder for the recorded and written checkpoints (reused when present)"""
     game: str = "Breakout"
     """game whose frames fill the checkpoint"""

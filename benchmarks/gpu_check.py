@@ -40,6 +40,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ class Args:
     """where gpu_check.json and gpu_check.md go (rewritten after every part)"""
     wheels: str = str(ROOT / "benchmarks" / "wheels")
     """wheels of packages the machine may lack (benchmarks/gpu_wheels.sh fetches them)"""
-    site: str = "/tmp/scaledql_site"
+    site: str = str(Path(tempfile.gettempdir()) / "scaledql_site")
     """where missing packages are installed from --wheels (added to PYTHONPATH; the machine's Python stays)"""
     archs: tuple[str, ...] = ("tiny", "resnet18", "resnet50", "resnet101")
     """architectures timed by bench_learner (--device cpu: tiny)"""
@@ -75,7 +76,7 @@ class Args:
     """processes of the training run (0: every GPU; --device cpu: 2)"""
     skip: tuple[str, ...] = ()
     """parts to leave out: tests, bench, train"""
-    scratch: str = "/tmp/scaledql_gpu_check"
+    scratch: str = str(Path(tempfile.gettempdir()) / "scaledql_gpu_check")
     """recorded data and runs of the training run"""
     budget_s: float = 480.0
     """seconds for the whole check; a part starts only with its minimum left, and ends by the budget"""

@@ -26,11 +26,11 @@ catch it, or it is blind).
 
 Needs torch 2.9 + torch-xla 2.9 (not in requirements.txt, not run in CI: the venv is ~7 GB):
 
-    python3 -m venv /work/xlavenv
-    /work/xlavenv/bin/pip install torch==2.9.0 torch-xla==2.9.0 numpy gymnasium ale-py \\
+    python3 -m venv ../xlavenv
+    ../xlavenv/bin/pip install torch==2.9.0 torch-xla==2.9.0 numpy gymnasium ale-py \\
         opencv-python-headless tyro tensorboard tqdm pytest
-    /work/xlavenv/bin/python benchmarks/xla_spmd_check.py
-    /work/xlavenv/bin/python benchmarks/xla_spmd_check.py --hlo-only --hlo-archs tiny resnet18
+    ../xlavenv/bin/python benchmarks/xla_spmd_check.py
+    ../xlavenv/bin/python benchmarks/xla_spmd_check.py --hlo-only --hlo-archs tiny resnet18
 
 Each run is a subprocess with its own PJRT_DEVICE=CPU and CPU_NUM_DEVICES (they must be set before
 torch_xla is imported). Writes benchmarks/results/xla_spmd_check.json.
@@ -43,6 +43,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ class Args:
     """training steps of every run (every step is logged and compared)"""
     batch_size: int = 32
     """global batch (must split over every device count)"""
-    scratch: str = "/tmp/xla_spmd_check"
+    scratch: str = str(Path(tempfile.gettempdir()) / "xla_spmd_check")
     """data (recorded once) and run folders"""
     eager: bool = True
     """also run eager PyTorch on the CPU (--device cpu) and compare it"""
