@@ -327,18 +327,25 @@ def record_missing(
     record(data_dir, missing, runs=runs, num_checkpoints=1, capacity=capacity, policy=policy, seed=seed)
 
 
-def data_summary(logs: str | Path, game: str) -> dict[str, Any]:
-    """What one stream of recorded data holds, for comparing a trained policy with it: the behavior's
-    episode returns (saved beside the checkpoints) and the full-set action the data takes most often (BC's
-    argmax converges to it where the data's action does not depend on the state)."""
+def action_counts(logs: str | Path, game: str, suffixes: Sequence[int] | None = None) -> np.ndarray:
+    """How often the recorded data takes each full-set action, int64 [18], over the checkpoints `suffixes`
+    (all if None); the padding rows at episode starts and the never-written row are left out."""
     import atari
 
     legal = np.asarray(atari.legal_actions(game))
     counts = np.zeros(18, np.int64)
-    for k in list_checkpoints(logs):
+    for k in list_checkpoints(logs) if suffixes is None else suffixes:
         d = replay.read_checkpoint(logs, k, store=("action", "terminal"))
         written = replay.valid_mask(d["terminal"], int(d["add_count"]), 1)  # real transitions, no padding
         counts += np.bincount(legal[d["action"][written]], minlength=18)
+    return counts
+
+
+def data_summary(logs: str | Path, game: str) -> dict[str, Any]:
+    """What one stream of recorded data holds, for comparing a trained policy with it: the behavior's
+    episode returns (saved beside the checkpoints) and the full-set action the data takes most often (BC's
+    argmax converges to it where the data's action does not depend on the state)."""
+    counts = action_counts(logs, game)
     return {"behavior_returns": read_episode_returns(logs), "most_frequent_action": int(counts.argmax()),
             "action_share": float(counts.max() / max(1, counts.sum()))}  # fmt: skip
 

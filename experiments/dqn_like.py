@@ -229,6 +229,7 @@ def play(
 
 def report(args: Args) -> dict:
     import atari
+    import record
     import replay
 
     out: dict = {"settings": {"variant": args.variant, "steps_per_checkpoint": STEPS_PER_CHECKPOINT,
@@ -243,9 +244,7 @@ def report(args: Args) -> dict:
             returns = replay.read_episode_returns(d, [k])
             per_ckpt.append({"checkpoint": k, "episodes": len(returns),
                              "mean": float(np.mean(returns)) if returns else None})  # fmt: skip
-            data = replay.read_checkpoint(d, k, store=("action", "terminal"))
-            written = replay.valid_mask(data["terminal"], int(data["add_count"]), 1)
-            counts = np.bincount(np.asarray(legal)[data["action"][written]], minlength=18)
+            counts = record.action_counts(d, game, [k])
             shares.append({str(a): float(counts[a] / counts.sum()) for a in legal})
         mediocre, better = POLICIES[game]
         constant = {str(a): float(np.mean(play(game, lambda ram, a=a: a, args.episodes, args.max_steps, 1)))

@@ -210,13 +210,8 @@ def data_action_shares(args: Args) -> dict[str, dict[str, float]]:
     """Per game: the share of every full-set action among the recorded transitions (padding rows left out)."""
     out = {}
     for game in args.games:
-        legal = np.asarray(atari.legal_actions(game))
-        counts = np.zeros(18, np.int64)
-        for k in replay.list_checkpoints(logs_dir(args, game)):
-            d = replay.read_checkpoint(logs_dir(args, game), k, store=("action", "terminal"))
-            written = replay.valid_mask(d["terminal"], int(d["add_count"]), 1)  # real transitions only
-            counts += np.bincount(legal[d["action"][written]], minlength=18)
-        out[game] = {str(a): float(counts[a] / counts.sum()) for a in legal}
+        counts = record.action_counts(logs_dir(args, game), game)
+        out[game] = {str(a): float(counts[a] / counts.sum()) for a in atari.legal_actions(game)}
     return out
 
 
