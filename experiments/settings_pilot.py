@@ -43,6 +43,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "cpu-lr3e-4": dict(lr=3e-4, target_update_every=500, n_step=3, cql_alpha=0.1),
     "cpu-alpha0.01": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.01),
     "cpu-td": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.0),
+    # the second pass (session 8): the fastest lr above with CQL weights between 0.01 (data's mode) and 0
+    "cpu-lr3e-4-alpha0.003": dict(lr=3e-4, target_update_every=500, n_step=3, cql_alpha=0.003),
+    "cpu-lr3e-4-alpha0.001": dict(lr=3e-4, target_update_every=500, n_step=3, cql_alpha=0.001),
     # the demo's candidates (on its scripted data: --behavior experiments.behavior:scripted, see the docs)
     "demo-alpha0.001": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.001),
     "demo-alpha0.01": dict(lr=1e-4, target_update_every=500, n_step=3, cql_alpha=0.01),
