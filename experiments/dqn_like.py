@@ -126,6 +126,10 @@ POLICIES: dict[str, tuple[Callable[[np.ndarray], int], Callable[[np.ndarray], in
 }
 # G's action where it does not depend on the state (None: it does); evidence.py's diagnostics read it
 GOOD_ACTION: dict[str, int | None] = {"Freeway": UP, "Breakout": None, "Boxing": None, "Centipede": RIGHTFIRE}
+# the games where no constant action reaches the behavior's return (the report, results/dqn_like/
+# behavior_improving.json: every constant Breakout action scores 0, the best Boxing one -25, against 18.6 and
+# -1.7); evidence.py's claim needs one of them (tests/test_dqn_like.py checks this against the report)
+STATE_DEPENDENT: tuple[str, ...] = ("Breakout", "Boxing")
 
 
 # --- the behavior: the recorder's module:function policies --------------------------------------------------

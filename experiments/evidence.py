@@ -58,6 +58,7 @@ import replay  # noqa: E402
 BEHAVIOR_POLICY = "experiments.behavior:scripted"
 METHODS = ("cql", "bc", "td")  # the order of every table and plot
 ACTION_NAMES = atari.ACTION_NAMES
+RARE_SHARE = 0.01  # ours: an action the data takes on under 1% of its transitions is "rare" ("why CQL")
 METHOD_LABELS = {
     "behavior": "behavior (data)", "bc": "BC", "td": "TD only (alpha 0)", "cql": "CQL (Scaled QL)"
 }  # fmt: skip
@@ -144,6 +145,10 @@ class Args:
     claim_se: float = 1.0
     """the claim holds in a game where CQL's mean is above the behavior's and BC's by more than this many
     standard errors of the difference (the first data set's runs used 1; the DQN-like target is 2)"""
+    claim_min_games: int = 2
+    """the claim holds overall in at least this many games (the DQN-like target is 3), one of them a game
+    where no constant action reaches the behavior's return where the behavior module names such games
+    (its STATE_DEPENDENT)"""
     replot: bool = False
     """draw the PNG plots again from --out-dir's results.json (no data, no training)"""
     quick: bool = False
@@ -486,17 +491,22 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
     final = str(args.eval_at[-1])
     table: dict[str, Any] = {}
     curves: dict[str, Any] = {}
-    good_actions = importlib.import_module(args.behavior.partition(":")[0]).GOOD_ACTION
+    module = importlib.import_module(args.behavior.partition(":")[0])
+    good_actions = module.GOOD_ACTION
+    state_dependent = [g for g in getattr(module, "STATE_DEPENDENT", ()) if g in args.games]
 
     greedy: dict[str, Any] = {}
     for game in args.games:
         mode = max(data_shares[game], key=data_shares[game].get)
         good = good_actions.get(game)
-        greedy[game] = {"data_mode": int(mode), "good_action": good, "runs": {}}
+        rare = [a for a, v in data_shares[game].items() if v < RARE_SHARE]
+        greedy[game] = {"data_mode": int(mode), "good_action": good, "rare_actions": [int(a) for a in rare],
+                        "runs": {}}  # fmt: skip
         for name, stages in runs.items():
             if final in stages:
                 share = stages[final]["diagnostics"][game]["greedy_share"]
                 greedy[game]["runs"][name] = {
+                    **rare_action_signals(stages[final]["diagnostics"][game], rare, mode),
                     "greedy_is_data_mode": share.get(mode, 0.0),
                     "greedy_is_good_action": None if good is None else share.get(str(good), 0.0),
                     # 1.0: one action on every dataset state (a constant policy); lower: state-dependent
@@ -534,6 +544,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
             checks[other] = {"gap": gap, "se": se, "holds": bool(gap > args.claim_se * se and gap > 0)}
         claim[game] = {**checks, "holds": all(c is not None and c["holds"] for c in checks.values())}
     games_holding = [g for g in args.games if claim[g]["holds"]]
+    enough = len(games_holding) >= min(args.claim_min_games, len(args.games))
     return {
         "data_action_shares": data_shares,
         "table": table,
@@ -541,7 +552,22 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
         "greedy_actions": greedy,
         "claim": claim,
         "claim_games": games_holding,
-        "claim_holds": len(games_holding) >= min(2, len(args.games)),
+        "state_dependent_games": state_dependent,
+        "claim_holds": enough and (not state_dependent or any(g in state_dependent for g in games_holding)),
+    }
+
+
+def rare_action_signals(diag: dict[str, Any], rare: list[str], mode: str) -> dict[str, float | None]:
+    """Why CQL, on one run's dataset-state diagnostics: how often its greedy action is one the data rarely
+    takes (share < RARE_SHARE), and the mean Q of those actions minus the mean Q of the data's most frequent
+    one. Without the conservative term nothing holds the rare actions' values down (TD only bootstraps from
+    max_a Q), so a positive, growing difference is the overestimation CQL is there to prevent."""
+    mean_q = diag.get("mean_q") or {}
+    if not rare or not mean_q:
+        return {"greedy_is_rare": None, "q_rare_minus_mode": None}
+    return {
+        "greedy_is_rare": float(sum(diag["greedy_share"].get(a, 0.0) for a in rare)),
+        "q_rare_minus_mode": float(np.mean([mean_q[a] for a in rare]) - mean_q[mode]),
     }
 
 
@@ -595,6 +621,28 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             cells.append(f"{mode:.2f} / {good}")
         good_name = "state-dependent" if g["good_action"] is None else ACTION_NAMES[g["good_action"]]
         lines.append(f"| {game} | {ACTION_NAMES[g['data_mode']]} | {good_name} | {' | '.join(cells)} |")
+    if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
+        lines += [
+            "",
+            f"why CQL: the actions the data takes on under {RARE_SHARE:.0%} of its transitions (rare): "
+            "their mean Q minus the mean Q of the data's most frequent action / share of states whose "
+            "greedy action is rare (mean over seeds)",
+            "",
+            "| game | rare actions | BC | TD only | CQL |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for game in args.games:
+            g = agg["greedy_actions"][game]
+            if not g["rare_actions"]:
+                continue
+            cells = []
+            for m in ("bc", "td", "cql"):
+                rs = [r for n, r in g["runs"].items() if n.startswith(f"{m}_seed")]
+                rs = [r for r in rs if r["greedy_is_rare"] is not None]
+                q = np.mean([r["q_rare_minus_mode"] for r in rs]) if rs else None
+                rare_share = np.mean([r["greedy_is_rare"] for r in rs]) if rs else None
+                cells.append("n/a" if q is None else f"{q:+.3f} / {rare_share:.2f}")
+            lines.append(f"| {game} | {len(g['rare_actions'])} | {' | '.join(cells)} |")
     lines += [
         "",
         "mean Q of every action on dataset states, best first (mean over seeds; in brackets: the action's "
@@ -628,8 +676,9 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
 
 
 def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> list[str]:
-    """bars.png (per game, every method with its standard error), curves.png (return vs steps) and
-    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps)."""
+    """bars.png (per game, every method with its standard error), curves.png (return vs steps),
+    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps) and,
+    where the data has rare actions, rare_actions.png (their mean Q minus the data's mode's, vs steps)."""
     try:
         import matplotlib
 
@@ -708,7 +757,32 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Training-time signal: Q(best) - Q(second best) on dataset states, every run", fontsize=9)
     thousands(axes)
-    return [bars, curves, save(fig, "q_gaps.png")]
+    plots = [bars, curves, save(fig, "q_gaps.png")]
+
+    # why CQL: the values of the actions the data rarely takes, relative to its most frequent one
+    games = [g for g in args.games if agg["greedy_actions"][g].get("rare_actions")]
+    if games:
+        fig, axes = plt.subplots(1, len(games), figsize=(3.6 * len(games), 3.2), squeeze=False)
+        for ax, game in zip(axes[0], games, strict=True):
+            g = agg["greedy_actions"][game]
+            rare, mode = [str(a) for a in g["rare_actions"]], str(g["data_mode"])
+            for name, stages in sorted(runs.items()):
+                done = [s for s in steps if str(s) in stages]
+                signals = [rare_action_signals(stages[str(s)]["diagnostics"][game], rare, mode) for s in done]
+                diffs = [x["q_rare_minus_mode"] for x in signals]
+                if done and None not in diffs:
+                    method = name.split("_seed")[0]
+                    ax.plot(done, diffs, marker="o", color=colors[method], label=name, alpha=0.8)
+            ax.axhline(0, color="black", lw=0.5)
+            ax.set_title(f"{game}: {len(rare)} rare actions")
+            ax.set_xlabel("gradient steps")
+        axes[0][0].set_ylabel("mean Q(rare) - Q(data's most frequent)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"Why CQL: values of the actions the data takes on under {RARE_SHARE:.0%} of its "
+                     "transitions, on dataset states, every run", fontsize=9)  # fmt: skip
+        thousands(axes)
+        plots.append(save(fig, "rare_actions.png"))
+    return plots
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -758,6 +832,9 @@ def main(args: Args) -> dict[str, Any]:
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"
     print(f"\nCQL above both the behavior and BC (gap > {args.claim_se:g} x its standard error): {holds}")
+    needs = f" (needs {args.claim_min_games} games" + (
+        f", one of {', '.join(agg['state_dependent_games'])})" if agg["state_dependent_games"] else ")")
+    print(f"the claim: {'holds' if agg['claim_holds'] else 'does not hold'}{needs}")
     print(f"results: {out / 'results.json'}" + "".join(f"\nplot:    {p}" for p in result["plots"]))
     return result
 

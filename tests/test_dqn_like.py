@@ -3,9 +3,11 @@ checkpoint as specified, and the recorder writes its data in the DQN-Replay form
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import atari
 import record
@@ -136,3 +138,55 @@ def test_replot_draws_the_committed_results_again(tmp_path):
         shutil.copy(root / folder / "results.json", out / "results.json")
         plots = module.main(module.Args(out_dir=str(out), replot=True))["plots"]
         assert {Path(p).name for p in plots} == names and all(Path(p).stat().st_size > 10_000 for p in plots)
+
+
+def test_state_dependent_games_are_those_no_constant_action_reaches_in_the_report():
+    import json
+
+    path = Path(__file__).parent.parent / "experiments/results/dqn_like/behavior_improving.json"
+    report = json.loads(path.read_text())["games"]
+    measured = {g for g, r in report.items() if max(r["constant_actions"].values()) < r["behavior_all"]}
+    assert measured == set(dl.STATE_DEPENDENT)
+
+
+def _claim_inputs(wins: set[str]):
+    """Synthetic evidence inputs: 3 seeds each; CQL scores far above BC and the behavior in `wins` only."""
+    from experiments import evidence
+
+    games = ("Freeway", "Breakout", "Boxing", "Centipede")
+    shares = {g: {str(a): 0.001 for a in atari.legal_actions(g)} for g in games}
+    for g in games:
+        shares[g]["0"] = 1.0 - 0.001 * (len(shares[g]) - 1)  # NOOP the mode, every other action rare
+    behavior = {g: {"episodes": 20, "mean": 10.0, "se": 1.0} for g in games}
+    runs = {}
+    for method in ("cql", "bc", "td"):
+        for seed in (1, 2, 3):
+            returns = {g: [30.0 + seed if method == "cql" and g in wins else 10.0 + seed] for g in games}
+            # TD only: the rare actions' values above the mode's; CQL and BC: below
+            bump = 0.5 if method == "td" else -0.5
+            mean_q = {g: {a: (1.0 if a == "0" else 1.0 + bump) for a in shares[g]} for g in games}
+            diag = {g: {"greedy_share": {"0": 1.0}, "q_gap_best_second": 0.1} for g in games}
+            for g in games:
+                diag[g]["mean_q"] = mean_q[g]
+            runs[f"{method}_seed{seed}"] = {"10": {"returns": returns, "diagnostics": diag}}
+    args = evidence.Args(behavior="experiments.dqn_like:improving", games=games, td_seeds=(1, 2, 3),
+                         eval_at=(10,), total_steps=10, claim_se=2.0, claim_min_games=2)  # fmt: skip
+    return evidence, args, behavior, runs, shares
+
+
+def test_the_claim_needs_a_state_dependent_game_and_reads_rare_action_values():
+    evidence, args, behavior, runs, shares = _claim_inputs({"Freeway", "Centipede"})
+    agg = evidence.aggregate(args, behavior, runs, shares)
+    assert agg["claim_games"] == ["Freeway", "Centipede"]
+    assert agg["state_dependent_games"] == ["Breakout", "Boxing"]
+    assert not agg["claim_holds"]  # two constant-action games are not enough
+    evidence, args, behavior, runs, shares = _claim_inputs({"Freeway", "Breakout"})
+    agg = evidence.aggregate(args, behavior, runs, shares)
+    assert agg["claim_holds"]
+    three = evidence.aggregate(dataclasses.replace(args, claim_min_games=3), behavior, runs, shares)
+    assert not three["claim_holds"]
+    rare = agg["greedy_actions"]["Boxing"]
+    assert len(rare["rare_actions"]) == 17 and rare["data_mode"] == 0
+    assert rare["runs"]["td_seed1"]["q_rare_minus_mode"] == pytest.approx(0.5)
+    assert rare["runs"]["cql_seed1"]["q_rare_minus_mode"] == pytest.approx(-0.5)
+    assert "why CQL" in evidence.format_table(args, agg)
