@@ -571,6 +571,11 @@ def rare_action_signals(diag: dict[str, Any], rare: list[str], mode: str) -> dic
     }
 
 
+def runs_of(game_entry: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """One method's runs (every seed) in an aggregate()["greedy_actions"][game] entry."""
+    return [r for name, r in game_entry["runs"].items() if name.startswith(f"{method}_seed")]
+
+
 def format_table(args: Args, agg: dict[str, Any]) -> str:
     n = len(args.seeds)
     lines = [
@@ -608,7 +613,7 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
         g = agg["greedy_actions"][game]
         cells = []
         for m in ("bc", "td", "cql"):
-            rs = [r for name, r in g["runs"].items() if name.startswith(f"{m}_seed")]
+            rs = runs_of(g, m)
             if not rs:
                 cells.append("n/a")
                 continue
@@ -637,11 +642,12 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
                 continue
             cells = []
             for m in ("bc", "td", "cql"):
-                rs = [r for n, r in g["runs"].items() if n.startswith(f"{m}_seed")]
-                rs = [r for r in rs if r["greedy_is_rare"] is not None]
-                q = np.mean([r["q_rare_minus_mode"] for r in rs]) if rs else None
-                rare_share = np.mean([r["greedy_is_rare"] for r in rs]) if rs else None
-                cells.append("n/a" if q is None else f"{q:+.3f} / {rare_share:.2f}")
+                rs = [r for r in runs_of(g, m) if r["greedy_is_rare"] is not None]
+                if not rs:
+                    cells.append("n/a")
+                    continue
+                q = np.mean([r["q_rare_minus_mode"] for r in rs])
+                cells.append(f"{q:+.3f} / {np.mean([r['greedy_is_rare'] for r in rs]):.2f}")
             lines.append(f"| {game} | {len(g['rare_actions'])} | {' | '.join(cells)} |")
     lines += [
         "",
@@ -654,7 +660,7 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
         g = agg["greedy_actions"][game]
         shares = agg["data_action_shares"][game]
         for m in ("bc", "td", "cql"):
-            rs = [r["mean_q"] for n, r in g["runs"].items() if n.startswith(f"{m}_seed") and r["mean_q"]]
+            rs = [r["mean_q"] for r in runs_of(g, m) if r["mean_q"]]
             if not rs:
                 continue
             q = {a: float(np.mean([r[a] for r in rs])) for a in rs[0]}
