@@ -381,9 +381,31 @@ def write_stages(path: Path, stages: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def episode_starts(args: Args, game: str, limit: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """The first state of every recorded episode of `game` in run 1 (at most `limit`, oldest checkpoint
+    first), uint8 [N, 4, 84, 84]: the stack [0, 0, 0, first frame] after an episode's 3 padding transitions;
+    and the action the data took there, int64 [N] (full-set id). In Breakout this is the serve, where only
+    FIRE puts the ball in play."""
+    logs = Path(args.data_dir) / game / "1" / "replay_logs"
+    legal = atari.legal_actions(game)
+    obs, actions = [], []
+    for suffix in replay.list_checkpoints(logs):
+        buf = replay.FrameBuffer.from_checkpoint(logs, suffix, n_step=args.n_step, action_map=legal)
+        empty = ~buf.frames.reshape(buf.capacity, -1).any(axis=1)  # [C] padding rows (zero frames)
+        index = buf.valid_indices()
+        first = ~empty[index] & np.all([empty[(index - k) % buf.capacity] for k in (1, 2, 3)], axis=0)
+        batch = buf.gather(index[first])
+        obs.append(batch.obs)
+        actions.append(batch.action)
+        if sum(len(a) for a in actions) >= limit:
+            break
+    return np.concatenate(obs)[:limit], np.concatenate(actions)[:limit]
+
+
 def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any]:
     """On dataset states of every game: the greedy action's shares, the sampled states' action shares, and the
-    Q-gap between the best and second-best action (aggregate() relates the shares to the whole data's)."""
+    Q-gap between the best and second-best action (aggregate() relates the shares to the whole data's); and
+    on the episodes' first states (`episode_starts`): the greedy action's shares and the data's actions."""
     import torch
 
     import cql_multigame
@@ -398,10 +420,13 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
         batch = data.sample(args.diag_states)
     finally:
         data.close()
-    with torch.no_grad():
-        q = cql_multigame.expected_q(
-            net(torch.from_numpy(batch.obs), torch.from_numpy(batch.game)), support
-        ).numpy()  # [B, 18]
+
+    def q_values(obs: np.ndarray, game: np.ndarray) -> np.ndarray:  # [B, 18]
+        with torch.no_grad():
+            out = net(torch.from_numpy(obs), torch.from_numpy(game))
+            return cql_multigame.expected_q(out, support).numpy()
+
+    q = q_values(batch.obs, batch.game)
     out = {}
     for g, game in enumerate(args.games):
         legal = atari.legal_actions(game)
@@ -418,17 +443,28 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
             # per legal action: its mean expected Q on the sampled states (does it follow the data shares?)
             "mean_q": {str(a): float(q[rows][:, a].mean()) for a in legal},
         }
+        start_obs, start_actions = episode_starts(args, game)
+        start_greedy = np.asarray(legal)[q_values(start_obs, np.full(len(start_obs), g))[:, legal].argmax(1)]
+        out[game]["start"] = {
+            "states": len(start_obs),
+            "greedy_share": {str(a): float(np.mean(start_greedy == a)) for a in legal},
+            "data_share": {str(a): float(np.mean(start_actions == a)) for a in legal},
+        }
     return out
 
 
-def add_mean_q(args: Args, runs: dict[str, dict[str, Any]]) -> None:
-    """Runs whose final stage was diagnosed before `mean_q` existed: diagnose their final checkpoint again
-    (the same sample: same checkpoint and seed) and store it in stages.json."""
+DIAGNOSTICS = {"greedy_share", "mean_q", "start"}  # what greedy_diagnostics writes per game (its newest keys)
+
+
+def rediagnose(args: Args, runs: dict[str, dict[str, Any]]) -> None:
+    """Runs whose final stage was diagnosed before `mean_q` or the episode-start diagnostics existed:
+    diagnose their final checkpoint again (the same sample: same checkpoint and seed) and store it in
+    stages.json."""
     import cql_multigame
 
     final = str(args.eval_at[-1])
     for name, stages in runs.items():
-        if final not in stages or all("mean_q" in d for d in stages[final]["diagnostics"].values()):
+        if final not in stages or all(DIAGNOSTICS <= set(d) for d in stages[final]["diagnostics"].values()):
             continue
         method, seed = name.rsplit("_seed", 1)
         run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
@@ -505,6 +541,9 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
         for name, stages in runs.items():
             if final in stages:
                 share = stages[final]["diagnostics"][game]["greedy_share"]
+                start = stages[final]["diagnostics"][game].get("start")
+                if start:  # the data's part is the same for every run
+                    greedy[game]["start"] = {"states": start["states"], "data_share": start["data_share"]}
                 greedy[game]["runs"][name] = {
                     **rare_action_signals(stages[final]["diagnostics"][game], rare, mode),
                     "greedy_is_data_mode": share.get(mode, 0.0),
@@ -513,6 +552,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "greedy_mode_share": max(share.values()),
                     "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
                     "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
+                    "start_greedy_share": start["greedy_share"] if start else None,
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -626,6 +666,27 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             cells.append(f"{mode:.2f} / {good}")
         good_name = "state-dependent" if g["good_action"] is None else ACTION_NAMES[g["good_action"]]
         lines.append(f"| {game} | {ACTION_NAMES[g['data_mode']]} | {good_name} | {' | '.join(cells)} |")
+    starts = [g for g in args.games if agg["greedy_actions"][g].get("start")]
+    if starts:
+        lines += [
+            "",
+            "at the first state of every recorded episode (Breakout's serve): the action the data takes "
+            "there most often (its share) / share of those states where each method's greedy action is that "
+            "one (mean over seeds)",
+            "",
+            "| game | states | data's action there | BC | TD only | CQL |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for game in starts:
+            g = agg["greedy_actions"][game]
+            data = g["start"]["data_share"]
+            top = max(data, key=data.get)
+            cells = []
+            for m in ("bc", "td", "cql"):
+                rs = [r["start_greedy_share"] for r in runs_of(g, m) if r["start_greedy_share"]]
+                cells.append(f"{np.mean([r.get(top, 0.0) for r in rs]):.2f}" if rs else "n/a")
+            head = f"| {game} | {g['start']['states']} | {ACTION_NAMES[int(top)]} {data[top]:.0%} | "
+            lines.append(head + " | ".join(cells) + " |")
     if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
         lines += [
             "",
@@ -822,7 +883,7 @@ def main(args: Args) -> dict[str, Any]:
     behavior = behavior_returns(args)
     shares = data_action_shares(args)
     runs = run_all(args)
-    add_mean_q(args, runs)
+    rediagnose(args, runs)
     agg = aggregate(args, behavior, runs, shares)
     result = {
         "args": dataclasses.asdict(args),
