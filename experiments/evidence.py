@@ -520,6 +520,31 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
+TRAINING_SIGNALS = ("td_loss", "q_data", "q_max")  # metrics.jsonl's keys that training.png draws
+
+
+def training_signals(args: Args, runs: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per run: its metrics.jsonl up to the last evaluated step (every --log-every steps): the TD loss, the
+    mean Q of the data's actions and the mean max_a Q on the batches. Did Q stop rising, did the loss
+    flatten? Kept in results.json so --replot draws them without the run folders."""
+    final = args.eval_at[-1]
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in runs:
+        method, seed = name.rsplit("_seed", 1)
+        path = Path(args.runs_dir) / run_name(args, method, int(seed)) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        rows = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                row = json.loads(line)
+                if row.get("step", final + 1) <= final and all(k in row for k in TRAINING_SIGNALS):
+                    rows.append(row)
+        out[name] = {k: [float(r[k]) for r in rows] for k in ("step", *TRAINING_SIGNALS)}
+    return out
+
+
+
 def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict[str, Any]:
     """Per game and method: the mean over seeds of each seed's mean return, with its standard error over
     seeds, at every evaluation step; the claim check at the last step; and, per run, how often its greedy
@@ -742,10 +767,13 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> list[str]:
+def plot(
+    args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path, training: dict[str, Any] | None = None
+) -> list[str]:
     """bars.png (per game, every method with its standard error), curves.png (return vs steps),
-    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps) and,
-    where the data has rare actions, rare_actions.png (their mean Q minus the data's mode's, vs steps)."""
+    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps),
+    where the data has rare actions rare_actions.png (their mean Q minus the data's mode's, vs steps), and
+    training.png (`training_signals`: TD loss and Q on the training batches vs steps, mean over seeds)."""
     try:
         import matplotlib
 
@@ -849,6 +877,31 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
                      "transitions, on dataset states, every run", fontsize=9)  # fmt: skip
         thousands(axes)
         plots.append(save(fig, "rare_actions.png"))
+
+    if training:  # training-time signals: does Q stop rising, does the TD loss flatten?
+        panels = (("td_loss", "TD loss (C51 cross-entropy)"), ("q_data", "mean Q of the data's action"),
+                  ("q_max", "mean max_a Q"))  # fmt: skip
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.2), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels, strict=True):
+            for m in METHODS:
+                if m == "bc" and key == "td_loss":
+                    continue  # BC has no TD term (its logged td_loss is 0)
+                curves = [training[n] for n in sorted(training) if n.rsplit("_seed", 1)[0] == m]
+                length = min((len(c["step"]) for c in curves), default=0)
+                if not length:
+                    continue
+                values = np.array([c[key][:length] for c in curves])  # [seeds, points]
+                x, mean = np.array(curves[0]["step"][:length]), values.mean(0)
+                se = values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros(length)
+                ax.plot(x, mean, color=colors[m], label=f"{METHOD_LABELS[m]} ({len(values)} seeds)")
+                ax.fill_between(x, mean - se, mean + se, color=colors[m], alpha=0.2)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("gradient steps")
+        axes[0][1].legend(fontsize=7)  # the middle panel has every method
+        fig.suptitle("Training-time signals on the training batches (all games), mean ± 1 s.e. over seeds",
+                     fontsize=9)  # fmt: skip
+        thousands(axes)
+        plots.append(save(fig, "training.png"))
     return plots
 
 
@@ -858,7 +911,8 @@ def main(args: Args) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(Args)} - {"replot"}
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["args"].items() if k in fields}
         saved_args = dataclasses.replace(args, **kept)
-        return {"plots": plot(saved_args, saved, saved["runs"], Path(args.out_dir))}
+        training = saved.get("training", {})
+        return {"plots": plot(saved_args, saved, saved["runs"], Path(args.out_dir), training)}
     if args.quick:
         args = quick_args(args)
     for game in args.games:
@@ -893,8 +947,9 @@ def main(args: Args) -> dict[str, Any]:
         "wall_seconds_this_invocation": time.perf_counter() - start,
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
     }
+    result["training"] = training_signals(args, runs)
     table = format_table(args, agg)
-    result["plots"] = plot(args, agg, runs, out) if args.plots else []
+    result["plots"] = plot(args, agg, runs, out, result["training"]) if args.plots else []
     (out / "results.json").write_text(json.dumps(repo_relative(result), indent=1))
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"
