@@ -248,6 +248,7 @@ class ReplayLogger:
         self.buffers, self.n_step = buffers, n_step
         self.log_count = [0] * len(buffers)  # the next checkpoint suffix of every env
         self.returns: list[list[float]] = [[] for _ in buffers]  # episodes ended in the current fill
+        self.unwritten: list[int] = []  # envs whose snapshot is due at the current add_count, not yet written
 
     def _write(self, i: int, add_count: int) -> None:
         buf = self.buffers[i]
@@ -263,9 +264,17 @@ class ReplayLogger:
         ended with this step."""
         for i, r in finished.items():
             self.returns[i].append(float(r))
-        for i, buf in enumerate(self.buffers):
-            if buf.add_count % buf.capacity == buf.capacity - 1:
-                self._write(i, buf.add_count)
+        self.unwritten = [i for i, b in enumerate(self.buffers) if b.add_count % b.capacity == b.capacity - 1]
+        self.write_unwritten()
+
+    def write_unwritten(self) -> None:
+        """Write the due snapshots. One whose write fails stays due and is saved with the run, so the resume
+        writes it first (from the saved buffer, whose cut episode the resume marks terminal) and the log has
+        no gap."""
+        while self.unwritten:
+            i = self.unwritten[0]
+            self._write(i, self.buffers[i].add_count)
+            self.unwritten.pop(0)
 
     def final(self) -> None:
         for i, buf in enumerate(self.buffers):
@@ -273,11 +282,15 @@ class ReplayLogger:
                 self._write(i, buf.cursor)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_count": list(self.log_count), "returns": [list(r) for r in self.returns]}
+        return {
+            "log_count": list(self.log_count), "returns": [list(r) for r in self.returns],
+            "unwritten": list(self.unwritten),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_count = [int(c) for c in state["log_count"]]
         self.returns = [[float(r) for r in rs] for rs in state["returns"]]
+        self.unwritten = [int(i) for i in state.get("unwritten", [])]  # absent in a run saved before it
 
 
 def prepare_log_replay_dir(root: Path, game: str, num_envs: int, resuming: bool, overwrite: bool) -> None:
@@ -321,8 +334,8 @@ def log_write_failed(error: Exception, save: Any, when: str, resume_with: str) -
         except cql_multigame.DiskWriteError as e:
             return ConfigError(f"{what}; saving the run {when} failed too: {str(e).rstrip('.')}.")
     return ConfigError(
-        f"{what}; the run was saved {when} (the snapshot that failed is not in the log); free space, then "
-        f"{resume_with}"
+        f"{what}; the run was saved {when} (the resume writes the snapshot that failed first); free space, "
+        f"then {resume_with}"
     )
 
 
@@ -668,6 +681,11 @@ def train_online(
         saves += 1
 
     resume_with = f"resume with: {cql_multigame.resume_command(run_dir, 'finetune_online.py')}"
+    if logger is not None and logger.unwritten:  # the snapshots whose write stopped the run before it
+        try:
+            logger.write_unwritten()
+        except replay.ReplayWriteError as e:  # the saved run is unchanged
+            raise log_write_failed(e, None, f"at {env_steps:,} env steps", resume_with) from None
 
     try:
         if args.eval_every and resume is None and not run_eval(0):  # the zero-shot score on the variant

@@ -669,6 +669,8 @@ class MultiGameReplay(StreamingSampler):
         there are fewer checkpoints than ranks); scans every checkpoint (or takes DQN-Replay's sizes)."""
         d = self.data_dir
         hint = DOWNLOAD_HINT.format(d=d)
+        if not dqn_replay_sizes and d.exists() and not d.is_dir():
+            raise ReplayDataError(f"data dir {d} is a file, not a folder: pass the folder of <Game>/<run>/.")
         if not dqn_replay_sizes and not d.is_dir():
             raise ReplayDataError(f"data dir {d} does not exist: {hint}.")
         if not dqn_replay_sizes and not any(p.is_dir() for p in d.iterdir()):

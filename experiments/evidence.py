@@ -381,9 +381,31 @@ def write_stages(path: Path, stages: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def episode_starts(args: Args, game: str, limit: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """The first state of every recorded episode of `game` in run 1 (at most `limit`, oldest checkpoint
+    first), uint8 [N, 4, 84, 84]: the stack [0, 0, 0, first frame] after an episode's 3 padding transitions;
+    and the action the data took there, int64 [N] (full-set id). In Breakout this is the serve, where only
+    FIRE puts the ball in play."""
+    logs = Path(args.data_dir) / game / "1" / "replay_logs"
+    legal = atari.legal_actions(game)
+    obs, actions = [], []
+    for suffix in replay.list_checkpoints(logs):
+        buf = replay.FrameBuffer.from_checkpoint(logs, suffix, n_step=args.n_step, action_map=legal)
+        empty = ~buf.frames.reshape(buf.capacity, -1).any(axis=1)  # [C] padding rows (zero frames)
+        index = buf.valid_indices()
+        first = ~empty[index] & np.all([empty[(index - k) % buf.capacity] for k in (1, 2, 3)], axis=0)
+        batch = buf.gather(index[first])
+        obs.append(batch.obs)
+        actions.append(batch.action)
+        if sum(len(a) for a in actions) >= limit:
+            break
+    return np.concatenate(obs)[:limit], np.concatenate(actions)[:limit]
+
+
 def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any]:
     """On dataset states of every game: the greedy action's shares, the sampled states' action shares, and the
-    Q-gap between the best and second-best action (aggregate() relates the shares to the whole data's)."""
+    Q-gap between the best and second-best action (aggregate() relates the shares to the whole data's); and
+    on the episodes' first states (`episode_starts`): the greedy action's shares and the data's actions."""
     import torch
 
     import cql_multigame
@@ -398,10 +420,13 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
         batch = data.sample(args.diag_states)
     finally:
         data.close()
-    with torch.no_grad():
-        q = cql_multigame.expected_q(
-            net(torch.from_numpy(batch.obs), torch.from_numpy(batch.game)), support
-        ).numpy()  # [B, 18]
+
+    def q_values(obs: np.ndarray, game: np.ndarray) -> np.ndarray:  # [B, 18]
+        with torch.no_grad():
+            out = net(torch.from_numpy(obs), torch.from_numpy(game))
+            return cql_multigame.expected_q(out, support).numpy()
+
+    q = q_values(batch.obs, batch.game)
     out = {}
     for g, game in enumerate(args.games):
         legal = atari.legal_actions(game)
@@ -418,17 +443,28 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
             # per legal action: its mean expected Q on the sampled states (does it follow the data shares?)
             "mean_q": {str(a): float(q[rows][:, a].mean()) for a in legal},
         }
+        start_obs, start_actions = episode_starts(args, game)
+        start_greedy = np.asarray(legal)[q_values(start_obs, np.full(len(start_obs), g))[:, legal].argmax(1)]
+        out[game]["start"] = {
+            "states": len(start_obs),
+            "greedy_share": {str(a): float(np.mean(start_greedy == a)) for a in legal},
+            "data_share": {str(a): float(np.mean(start_actions == a)) for a in legal},
+        }
     return out
 
 
-def add_mean_q(args: Args, runs: dict[str, dict[str, Any]]) -> None:
-    """Runs whose final stage was diagnosed before `mean_q` existed: diagnose their final checkpoint again
-    (the same sample: same checkpoint and seed) and store it in stages.json."""
+DIAGNOSTICS = {"greedy_share", "mean_q", "start"}  # what greedy_diagnostics writes per game (its newest keys)
+
+
+def rediagnose(args: Args, runs: dict[str, dict[str, Any]]) -> None:
+    """Runs whose final stage was diagnosed before `mean_q` or the episode-start diagnostics existed:
+    diagnose their final checkpoint again (the same sample: same checkpoint and seed) and store it in
+    stages.json."""
     import cql_multigame
 
     final = str(args.eval_at[-1])
     for name, stages in runs.items():
-        if final not in stages or all("mean_q" in d for d in stages[final]["diagnostics"].values()):
+        if final not in stages or all(DIAGNOSTICS <= set(d) for d in stages[final]["diagnostics"].values()):
             continue
         method, seed = name.rsplit("_seed", 1)
         run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
@@ -484,6 +520,31 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
+TRAINING_SIGNALS = ("td_loss", "q_data", "q_max")  # metrics.jsonl's keys that training.png draws
+
+
+def training_signals(args: Args, runs: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per run: its metrics.jsonl up to the last evaluated step (every --log-every steps): the TD loss, the
+    mean Q of the data's actions and the mean max_a Q on the batches. Did Q stop rising, did the loss
+    flatten? Kept in results.json so --replot draws them without the run folders."""
+    final = args.eval_at[-1]
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in runs:
+        method, seed = name.rsplit("_seed", 1)
+        path = Path(args.runs_dir) / run_name(args, method, int(seed)) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        rows = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                row = json.loads(line)
+                if row.get("step", final + 1) <= final and all(k in row for k in TRAINING_SIGNALS):
+                    rows.append(row)
+        out[name] = {k: [float(r[k]) for r in rows] for k in ("step", *TRAINING_SIGNALS)}
+    return out
+
+
+
 def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict[str, Any]:
     """Per game and method: the mean over seeds of each seed's mean return, with its standard error over
     seeds, at every evaluation step; the claim check at the last step; and, per run, how often its greedy
@@ -505,6 +566,9 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
         for name, stages in runs.items():
             if final in stages:
                 share = stages[final]["diagnostics"][game]["greedy_share"]
+                start = stages[final]["diagnostics"][game].get("start")
+                if start:  # the data's part is the same for every run
+                    greedy[game]["start"] = {"states": start["states"], "data_share": start["data_share"]}
                 greedy[game]["runs"][name] = {
                     **rare_action_signals(stages[final]["diagnostics"][game], rare, mode),
                     "greedy_is_data_mode": share.get(mode, 0.0),
@@ -513,6 +577,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "greedy_mode_share": max(share.values()),
                     "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
                     "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
+                    "start_greedy_share": start["greedy_share"] if start else None,
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -626,6 +691,27 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             cells.append(f"{mode:.2f} / {good}")
         good_name = "state-dependent" if g["good_action"] is None else ACTION_NAMES[g["good_action"]]
         lines.append(f"| {game} | {ACTION_NAMES[g['data_mode']]} | {good_name} | {' | '.join(cells)} |")
+    starts = [g for g in args.games if agg["greedy_actions"][g].get("start")]
+    if starts:
+        lines += [
+            "",
+            "at the first state of every recorded episode (Breakout's serve): the action the data takes "
+            "there most often (its share) / share of those states where each method's greedy action is that "
+            "one (mean over seeds)",
+            "",
+            "| game | states | data's action there | BC | TD only | CQL |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for game in starts:
+            g = agg["greedy_actions"][game]
+            data = g["start"]["data_share"]
+            top = max(data, key=data.get)
+            cells = []
+            for m in ("bc", "td", "cql"):
+                rs = [r["start_greedy_share"] for r in runs_of(g, m) if r["start_greedy_share"]]
+                cells.append(f"{np.mean([r.get(top, 0.0) for r in rs]):.2f}" if rs else "n/a")
+            head = f"| {game} | {g['start']['states']} | {ACTION_NAMES[int(top)]} {data[top]:.0%} | "
+            lines.append(head + " | ".join(cells) + " |")
     if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
         lines += [
             "",
@@ -681,10 +767,13 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> list[str]:
+def plot(
+    args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path, training: dict[str, Any] | None = None
+) -> list[str]:
     """bars.png (per game, every method with its standard error), curves.png (return vs steps),
-    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps) and,
-    where the data has rare actions, rare_actions.png (their mean Q minus the data's mode's, vs steps)."""
+    q_gaps.png (every run's Q-gap between its best and second-best action on dataset states vs steps),
+    where the data has rare actions rare_actions.png (their mean Q minus the data's mode's, vs steps), and
+    training.png (`training_signals`: TD loss and Q on the training batches vs steps, mean over seeds)."""
     try:
         import matplotlib
 
@@ -788,6 +877,31 @@ def plot(args: Args, agg: dict[str, Any], runs: dict[str, Any], out: Path) -> li
                      "transitions, on dataset states, every run", fontsize=9)  # fmt: skip
         thousands(axes)
         plots.append(save(fig, "rare_actions.png"))
+
+    if training:  # training-time signals: does Q stop rising, does the TD loss flatten?
+        panels = (("td_loss", "TD loss (C51 cross-entropy)"), ("q_data", "mean Q of the data's action"),
+                  ("q_max", "mean max_a Q"))  # fmt: skip
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.2), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels, strict=True):
+            for m in METHODS:
+                if m == "bc" and key == "td_loss":
+                    continue  # BC has no TD term (its logged td_loss is 0)
+                curves = [training[n] for n in sorted(training) if n.rsplit("_seed", 1)[0] == m]
+                length = min((len(c["step"]) for c in curves), default=0)
+                if not length:
+                    continue
+                values = np.array([c[key][:length] for c in curves])  # [seeds, points]
+                x, mean = np.array(curves[0]["step"][:length]), values.mean(0)
+                se = values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros(length)
+                ax.plot(x, mean, color=colors[m], label=f"{METHOD_LABELS[m]} ({len(values)} seeds)")
+                ax.fill_between(x, mean - se, mean + se, color=colors[m], alpha=0.2)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("gradient steps")
+        axes[0][1].legend(fontsize=7)  # the middle panel has every method
+        fig.suptitle("Training-time signals on the training batches (all games), mean ± 1 s.e. over seeds",
+                     fontsize=9)  # fmt: skip
+        thousands(axes)
+        plots.append(save(fig, "training.png"))
     return plots
 
 
@@ -797,7 +911,8 @@ def main(args: Args) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(Args)} - {"replot"}
         kept = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["args"].items() if k in fields}
         saved_args = dataclasses.replace(args, **kept)
-        return {"plots": plot(saved_args, saved, saved["runs"], Path(args.out_dir))}
+        training = saved.get("training", {})
+        return {"plots": plot(saved_args, saved, saved["runs"], Path(args.out_dir), training)}
     if args.quick:
         args = quick_args(args)
     for game in args.games:
@@ -822,7 +937,7 @@ def main(args: Args) -> dict[str, Any]:
     behavior = behavior_returns(args)
     shares = data_action_shares(args)
     runs = run_all(args)
-    add_mean_q(args, runs)
+    rediagnose(args, runs)
     agg = aggregate(args, behavior, runs, shares)
     result = {
         "args": dataclasses.asdict(args),
@@ -832,8 +947,9 @@ def main(args: Args) -> dict[str, Any]:
         "wall_seconds_this_invocation": time.perf_counter() - start,
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
     }
+    result["training"] = training_signals(args, runs)
     table = format_table(args, agg)
-    result["plots"] = plot(args, agg, runs, out) if args.plots else []
+    result["plots"] = plot(args, agg, runs, out, result["training"]) if args.plots else []
     (out / "results.json").write_text(json.dumps(repo_relative(result), indent=1))
     print(table)
     holds = ", ".join(agg["claim_games"]) or "no game"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,9 @@ FLAG_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
+LR_WARN_ABOVE = 0.01  # ours: a learning rate above this gets a warning (the paper's is 2e-4)
+
+
 def flag_name(field: str) -> str:
     """Args field -> its command-line flag (tyro's spelling): total_steps -> --total-steps."""
     return "--" + field.replace("_", "-")
@@ -110,6 +114,13 @@ def check_ranges(args: Any) -> None:
         if not (finite and ok(value)):
             flag = flag_name(field.name)
             raise ConfigError(f"{flag} must be {allowed}, got {flag} {value}.")
+    lr = getattr(args, "lr", None)
+    if lr is not None and lr > LR_WARN_ABOVE:  # allowed (a fork may want it), but almost surely a typo
+        warnings.warn(
+            f"--lr {lr} is over {LR_WARN_ABOVE:g}, 50x the paper's 2e-4: Adam on these networks usually "
+            "diverges to non-finite weights (then no checkpoint is saved); did you mean a smaller value?",
+            stacklevel=2,
+        )
     if getattr(args, "cql_alpha", None) == 0 and getattr(args, "td_weight", None) == 0:
         raise ConfigError(
             "--cql-alpha and --td-weight are both 0, so the loss is 0 and nothing trains; set at least one "

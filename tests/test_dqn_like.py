@@ -168,6 +168,9 @@ def _claim_inputs(wins: set[str]):
             diag = {g: {"greedy_share": {"0": 1.0}, "q_gap_best_second": 0.1} for g in games}
             for g in games:
                 diag[g]["mean_q"] = mean_q[g]
+            serve = 0.6 if method == "bc" else 0.0  # Breakout's first states: how often the greedy FIREs
+            diag["Breakout"]["start"] = {"states": 155, "greedy_share": {"1": serve, "0": 1 - serve},
+                                         "data_share": {"1": 0.9, "0": 0.1}}  # fmt: skip
             runs[f"{method}_seed{seed}"] = {"10": {"returns": returns, "diagnostics": diag}}
     args = evidence.Args(behavior="experiments.dqn_like:improving", games=games, td_seeds=(1, 2, 3),
                          eval_at=(10,), total_steps=10, claim_se=2.0, claim_min_games=2)  # fmt: skip
@@ -189,4 +192,32 @@ def test_the_claim_needs_a_state_dependent_game_and_reads_rare_action_values():
     assert len(rare["rare_actions"]) == 17 and rare["data_mode"] == 0
     assert rare["runs"]["td_seed1"]["q_rare_minus_mode"] == pytest.approx(0.5)
     assert rare["runs"]["cql_seed1"]["q_rare_minus_mode"] == pytest.approx(-0.5)
-    assert "why CQL" in evidence.format_table(args, agg)
+    printed = evidence.format_table(args, agg)
+    assert "why CQL" in printed and "| Breakout | 155 | FIRE 90% | 0.60 | 0.00 | 0.00 |" in printed
+    assert "| Freeway | " not in printed.split("(Breakout's serve)")[1].split("why CQL")[0]  # no start data
+
+
+def test_episode_starts_are_the_first_state_of_every_recorded_episode(tmp_path):
+    """Three episodes in one DQN-Replay checkpoint: exactly their three first states come back, each the stack
+    [0, 0, 0, first frame], with the action the data took there as a full-set id (Breakout: 1 is FIRE)."""
+    from experiments import evidence
+
+    rng = np.random.default_rng(0)
+    legal = atari.legal_actions("Breakout")  # [0, 1, 3, 4]: NOOP FIRE RIGHT LEFT
+    buf = replay.FrameBuffer(200, n_step=3, action_map=legal)
+    firsts, first_actions = [], []
+    for length in (10, 7, 12):
+        for t in range(length):
+            frame = rng.integers(1, 255, (84, 84), dtype=np.uint8)
+            action = 1 if t == 0 else int(rng.integers(0, 4))  # minimal-set index 1: FIRE at the serve
+            if t == 0:
+                firsts.append(frame)
+                first_actions.append(legal[action])
+            buf.add(frame, action, 0.0, t == length - 1)
+    buf.add(rng.integers(1, 255, (84, 84), dtype=np.uint8), 0, 0.0, False)  # a 4th episode's first step
+    buf.save(tmp_path / "Breakout" / "1" / "replay_logs", 0)
+    obs, actions = evidence.episode_starts(evidence.Args(data_dir=str(tmp_path)), "Breakout")
+    # the 4th start is not a valid index (no n-step future after it), so it is not a sampled state either
+    assert obs.shape == (3, 4, 84, 84) and not obs[:, :3].any()
+    np.testing.assert_array_equal(obs[:, 3], np.stack(firsts))
+    assert actions.tolist() == first_actions == [1, 1, 1]

@@ -142,6 +142,11 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
         assert set(diag["mean_q"]) == set(diag["greedy_share"])  # one mean Q per legal action
         best = max(diag["mean_q"].values())
         assert diag["q_gap_best_second"] >= 0 and np.isfinite(best)
+        start = diag["start"]  # the first state of every recorded episode (each checkpoint starts one)
+        assert start["states"] >= 1 and sum(start["greedy_share"].values()) == pytest.approx(1.0)
+        signals = result["training"][name]  # metrics.jsonl up to the last evaluated step, for training.png
+        assert signals["step"] and signals["step"][-1] <= 20
+        assert len(signals["q_data"]) == len(signals["td_loss"]) == len(signals["step"])
     assert "mean Q of every action on dataset states" in out.stdout
     assert result["args"]["quick"] and result["table"]["Freeway"]["cql"]["seeds"] == 1
     cql_stages = tmp_path / "runs_dir" / f"cql_alpha{evidence.Args().cql_alpha:g}_seed1" / "stages.json"

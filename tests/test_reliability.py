@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,16 @@ def test_every_range_is_checked_before_the_data_load(tmp_path, flag, value, allo
     with pytest.raises(ConfigError, match=allowed):
         main(tiny_args(tmp_path / "no-data", tmp_path / "runs", **{flag: value}))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_huge_finite_lr_is_warned_before_the_data_load(tmp_path):
+    with pytest.warns(UserWarning, match="--lr 5.0 is over 0.01, 50x the paper's 2e-4"):
+        with pytest.raises(replay.ReplayDataError, match="does not exist"):  # the warning comes first
+            main(tiny_args(tmp_path / "no-data", tmp_path / "runs", lr=5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the paper's and the demo's rates: no warning
+        with pytest.raises(replay.ReplayDataError):
+            main(tiny_args(tmp_path / "no-data", tmp_path / "runs", lr=2e-4))
 
 
 def test_both_loss_weights_zero_is_refused(tmp_path):

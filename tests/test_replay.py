@@ -834,6 +834,10 @@ def test_bad_paths_and_selections(tmp_path):
     new = replay.MultiGameReplay
     with pytest.raises(replay.ReplayDataError, match="does not exist: download DQN-Replay with `gsutil"):
         new(tmp_path / "nope", ["Pong"])
+    (tmp_path / "a_file.gz").write_bytes(b"")
+    with pytest.raises(replay.ReplayDataError, match="is a file, not a folder"):  # not "does not exist"
+        new(tmp_path / "a_file.gz", ["Pong"])
+    (tmp_path / "a_file.gz").unlink()
     with pytest.raises(replay.ReplayDataError, match="is empty: .*python record.py"):
         new(tmp_path, ["Pong"])
     make_dataset(tmp_path, games=("Pong",), num_ckpts=2, cases=("wrapped_cursor_mid",))
