@@ -31,7 +31,6 @@ invocation resumes every run from its checkpoint (the stages of a chain are the 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
@@ -39,6 +38,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -474,11 +474,32 @@ def rediagnose(args: Args, runs: dict[str, dict[str, Any]]) -> None:
         write_stages(run_dir / "stages.json", stages)
 
 
+def _chain_process(args: Args, method: str, seed: int, threads: int) -> None:
+    """One chain in a process of its own (run_all with --jobs > 1). It gets a session of its own, so a Ctrl-C
+    at the terminal reaches evidence.py only, which then sends it exactly one SIGTERM (a second would cut the
+    save the first starts), and SIGTERM when evidence.py dies. Its results are its stages.json."""
+    import cql_multigame
+
+    with contextlib.suppress(OSError):  # (already a session leader: never for a spawned process)
+        os.setsid()
+    _die_with_parent()
+    try:
+        run_chain(args, method, seed, threads)
+    except (cql_multigame.RunInterrupted, cql_multigame.Interrupted) as e:  # the run saved what it could
+        sys.exit(128 + e.signum)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    import cql_multigame
+
+    raise cql_multigame.Interrupted(signum)
+
+
 def _die_with_parent(signum: int = 15) -> None:
-    """Worker initializer: on Linux, the kernel sends this worker `signum` (SIGTERM: it saves its step and
-    stops) when the process that started it dies (a killed or interrupted evidence.py must not leave a
-    worker training into the same run folder). settings_pilot.py passes SIGKILL: its workers go on to the
-    next stage after a SIGTERM, and a pilot stage resumes from its last checkpoint anyway."""
+    """On Linux, the kernel sends this process `signum` (SIGTERM: a run saves its step and stops) when the
+    process that started it dies (a killed evidence.py must not leave a process training into a run
+    folder). settings_pilot.py's pool passes SIGKILL: its workers would go on to the next stage after a
+    SIGTERM, and a pilot stage resumes from its last checkpoint anyway."""
     try:
         import ctypes
 
@@ -488,31 +509,52 @@ def _die_with_parent(signum: int = 15) -> None:
 
 
 def run_all(args: Args) -> dict[str, dict[str, Any]]:
-    """Every (method, seed) chain, --jobs at a time in subprocesses (spawned: no torch threads inherited)."""
+    """Every (method, seed) chain, --jobs at a time, each in a process of its own (spawned: no torch threads
+    inherited; no pool: a pool's workers take the chains already queued to them even after a stop, and a
+    worker killed while it sends a result leaves the others waiting on the queue's lock)."""
     # seed by seed, cql and bc side by side, so a stopped invocation leaves comparable partial results
     chains = [(m, s) for s in args.seeds for m in args.methods if m != "td"]
     chains += [("td", s) for s in args.td_seeds if "td" in args.methods]
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    results: dict[str, dict[str, Any]] = {}
+
+    def stages_of(m: str, s: int) -> dict[str, Any]:
+        path = Path(args.runs_dir) / run_name(args, m, s) / "stages.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     if args.report_only:
-        for m, s in chains:
-            path = Path(args.runs_dir) / run_name(args, m, s) / "stages.json"
-            results[f"{m}_seed{s}"] = json.loads(path.read_text()) if path.is_file() else {}
-        return results
+        return {f"{m}_seed{s}": stages_of(m, s) for m, s in chains}
     for m, s in chains:  # before anything trains: one sentence for a folder of another configuration
         check_run_config(args, m, Path(args.runs_dir) / run_name(args, m, s))
     if args.jobs <= 1:
-        for m, s in chains:
-            results[f"{m}_seed{s}"] = run_chain(args, m, s, threads)
-        return results
+        return {f"{m}_seed{s}": run_chain(args, m, s, threads) for m, s in chains}
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        args.jobs, mp_context=ctx, initializer=_die_with_parent
-    ) as pool:
-        futures = {pool.submit(run_chain, args, m, s, threads): f"{m}_seed{s}" for m, s in chains}
-        for f in concurrent.futures.as_completed(futures):
-            results[futures[f]] = f.result()
-    return results
+    queued, running = list(chains), {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # as Ctrl-C: stop the chains, then exit
+    try:
+        while queued or running:
+            while queued and len(running) < args.jobs:
+                m, s = queued.pop(0)
+                running[(m, s)] = ctx.Process(target=_chain_process, args=(args, m, s, threads))
+                running[(m, s)].start()
+            time.sleep(0.5)
+            for (m, s), proc in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                del running[(m, s)]
+                if proc.exitcode != 0:
+                    raise SystemExit(
+                        f"error: the {m} seed {s} run stopped with exit code {proc.exitcode} (its error is "
+                        f"above; its log: {Path(args.runs_dir) / run_name(args, m, s) / 'train.log'})."
+                    )
+    except BaseException:  # Ctrl-C, SIGTERM or a failed chain: the running runs save their step and stop
+        for proc in running.values():
+            proc.terminate()  # one SIGTERM each (their own session: a Ctrl-C did not reach them)
+        for proc in running.values():
+            proc.join()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {f"{m}_seed{s}": stages_of(m, s) for m, s in chains}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -214,3 +214,62 @@ def test_alpha_pilot_quick_writes_diagnostics(tmp_path):
     # the pilots differ only in alpha: same seed and data, so alpha 0.01's extra term must change the Q-gap
     gaps = [out["pilots"][a]["Breakout"]["q_gap_best_second"] for a in ("0", "0.01")]
     assert gaps[0] != gaps[1]
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The pids whose environment holds `marker` (Linux /proc; the processes of one test's command)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_sigterm_to_evidence_stops_every_worker_and_no_queued_chain_starts(tmp_path):
+    """SIGTERM to evidence.py while two of its three chains train (--jobs 2): both save their step, the
+    queued third never starts, no process outlives it, and it exits 128 + 15 with the line to go on. Before,
+    evidence.py died at once and its pool's workers took the queued chains and trained on, orphaned."""
+    import os
+    import signal
+    import time
+    import uuid
+
+    marker = f"SCALEDQL_TEST_{uuid.uuid4().hex}"
+    runs = tmp_path / "runs"
+    flags = (
+        "--games Freeway Breakout --transitions-per-game 300 --checkpoints-per-game 1 --total-steps 20000 "
+        "--eval-at 20000 --batch-size 4 --seeds 1 --td-seeds 1 --eval-episodes 1 --eval-max-steps 30 "
+        "--diag-states 8 --jobs 2 --threads 1 --no-plots"
+    ).split()
+    dirs = ["--data-dir", str(tmp_path / "data"), "--runs-dir", str(runs), "--out-dir", str(tmp_path / "out")]
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err_file:
+        command = [sys.executable, "experiments/evidence.py", *flags, *dirs]
+        env = {**os.environ, marker: "1"}
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+    cql = f"cql_alpha{evidence.Args().cql_alpha:g}_seed1"
+    logs = [runs / cql / "metrics.jsonl", runs / "bc_seed1" / "metrics.jsonl"]
+    try:
+        deadline = time.monotonic() + 300
+        while not all(p.is_file() and p.stat().st_size for p in logs):  # both chains are training
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = stderr.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "evidence.py: run the same command again to continue." in err
+    for log in logs:
+        assert (log.parent / "checkpoint.pt").is_file()  # each saved the step it reached
+    assert not (runs / "td_seed1" / "train.log").exists()  # the queued chain never started
+    deadline = time.monotonic() + 30
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_with(marker)
