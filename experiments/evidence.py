@@ -444,12 +444,12 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
             "mean_q": {str(a): float(q[rows][:, a].mean()) for a in legal},
         }
         start_obs, start_actions = episode_starts(args, game)
-        start_greedy = np.asarray(legal)[q_values(start_obs, np.full(len(start_obs), g))[:, legal].argmax(1)]
-        out[game]["start"] = {
-            "states": len(start_obs),
-            "greedy_share": {str(a): float(np.mean(start_greedy == a)) for a in legal},
-            "data_share": {str(a): float(np.mean(start_actions == a)) for a in legal},
-        }
+        out[game]["start"] = {"states": len(start_obs), "greedy_share": {}, "data_share": {}}
+        if len(start_obs):  # (none where no episode starts in the data, e.g. --quick's few hundred steps)
+            q_start = q_values(start_obs, np.full(len(start_obs), g))[:, legal]
+            start_greedy = np.asarray(legal)[q_start.argmax(1)]
+            out[game]["start"]["greedy_share"] = {str(a): float(np.mean(start_greedy == a)) for a in legal}
+            out[game]["start"]["data_share"] = {str(a): float(np.mean(start_actions == a)) for a in legal}
     return out
 
 
@@ -609,7 +609,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
             if final in stages:
                 share = stages[final]["diagnostics"][game]["greedy_share"]
                 start = stages[final]["diagnostics"][game].get("start")
-                if start:  # the data's part is the same for every run
+                if start and start["states"]:  # the data's part is the same for every run
                     greedy[game]["start"] = {"states": start["states"], "data_share": start["data_share"]}
                 greedy[game]["runs"][name] = {
                     **rare_action_signals(stages[final]["diagnostics"][game], rare, mode),
@@ -619,7 +619,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "greedy_mode_share": max(share.values()),
                     "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
                     "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
-                    "start_greedy_share": start["greedy_share"] if start else None,
+                    "start_greedy_share": start["greedy_share"] if start and start["states"] else None,
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
