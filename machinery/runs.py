@@ -578,7 +578,7 @@ class StopSignals:
     is dropped. In the training loop the scripts set abandon False: the signal only sets `signum`, the
     current step finishes, and the loop saves a checkpoint and stops. A second signal always raises at once
     (the step it cuts is not saved). Outside the main thread (e.g. torch_xla's launcher threads) nothing is
-    installed and `signum` stays None.
+    installed and `signum` stays None. A SIGHUP the process was started to ignore (`nohup`) stays ignored.
     """
 
     def __init__(self) -> None:
@@ -589,6 +589,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
+                if s == getattr(signal, "SIGHUP", None) and signal.getsignal(s) is signal.SIG_IGN:
+                    continue  # started under nohup: a closed terminal or ssh session must not stop the run
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 

@@ -30,15 +30,27 @@ ENV = {
 }  # fmt: skip
 
 
-def test_sighup_is_a_stop_request_like_sigterm():
+def test_sighup_is_a_stop_request_like_sigterm_unless_started_under_nohup():
     # what a closed ssh session (Ctrl-C on `gcloud ... ssh --worker=all`) sends: save and stop, not die
-    stop = runs.StopSignals()
-    with stop:
-        stop.abandon = False
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.1)
-        assert stop.signum == signal.SIGHUP and stop.name == "SIGHUP"
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored
+    outer = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (this test may run under nohup)
+    try:
+        stop = runs.StopSignals()
+        with stop:
+            stop.abandon = False
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+            assert stop.signum == signal.SIGHUP and stop.name == "SIGHUP"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves: the run must survive the hangup
+        stop = runs.StopSignals()
+        with stop:
+            stop.abandon = False
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+            assert stop.signum is None
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, outer)
 
 
 def test_processes_beyond_the_first_do_not_overwrite_an_earlier_runs_state(tmp_path):
