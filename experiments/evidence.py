@@ -565,26 +565,32 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
 TRAINING_SIGNALS = ("td_loss", "q_data", "q_max")  # metrics.jsonl's keys that training.png draws
 
 
+def metrics_rows(run_dir: Path, up_to: int) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows (one per --log-every steps) up to step `up_to`; a line cut by a kill is
+    skipped (the resumed run drops it too). Also settings_pilot.py's reader."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(line)
+            if row.get("step", up_to + 1) <= up_to:
+                rows.append(row)
+    return rows
+
+
 def training_signals(args: Args, runs: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     """Per run: its metrics.jsonl up to the last evaluated step (every --log-every steps): the TD loss, the
     mean Q of the data's actions and the mean max_a Q on the batches. Did Q stop rising, did the loss
     flatten? Kept in results.json so --replot draws them without the run folders."""
-    final = args.eval_at[-1]
     out: dict[str, dict[str, list[float]]] = {}
     for name in runs:
         method, seed = name.rsplit("_seed", 1)
-        path = Path(args.runs_dir) / run_name(args, method, int(seed)) / "metrics.jsonl"
-        if not path.is_file():
+        run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
+        if not (run_dir / "metrics.jsonl").is_file():
             continue
-        rows = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-                row = json.loads(line)
-                if row.get("step", final + 1) <= final and all(k in row for k in TRAINING_SIGNALS):
-                    rows.append(row)
+        rows = [r for r in metrics_rows(run_dir, args.eval_at[-1]) if all(k in r for k in TRAINING_SIGNALS)]
         out[name] = {k: [float(r[k]) for r in rows] for k in ("step", *TRAINING_SIGNALS)}
     return out
-
 
 
 def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict[str, Any]:

@@ -89,14 +89,8 @@ def evidence_args(args: Args) -> evidence.Args:
 
 def td_loss_at(run_dir: Path, step: int, window: int = 500) -> float | None:
     """Mean logged TD loss over the `window` steps up to `step` (metrics.jsonl's training rows)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    values = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "td_loss" in row and step - window < row.get("step", -1) <= step:
-            values.append(float(row["td_loss"]))
+    rows = evidence.metrics_rows(run_dir, step)
+    values = [float(r["td_loss"]) for r in rows if "td_loss" in r and step - window < r.get("step", -1)]
     return sum(values) / len(values) if values else None
 
 
