@@ -613,19 +613,20 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                         "runs": {}}  # fmt: skip
         for name, stages in runs.items():
             if final in stages:
-                share = stages[final]["diagnostics"][game]["greedy_share"]
-                start = stages[final]["diagnostics"][game].get("start")
-                if start and start["states"]:  # the data's part is the same for every run
+                diag = stages[final]["diagnostics"][game]
+                share = diag["greedy_share"]
+                start = diag["start"] if diag.get("start", {}).get("states") else None  # (no episode start)
+                if start:  # the data's part is the same for every run
                     greedy[game]["start"] = {"states": start["states"], "data_share": start["data_share"]}
                 greedy[game]["runs"][name] = {
-                    **rare_action_signals(stages[final]["diagnostics"][game], rare, mode),
+                    **rare_action_signals(diag, rare, mode),
                     "greedy_is_data_mode": share.get(mode, 0.0),
                     "greedy_is_good_action": None if good is None else share.get(str(good), 0.0),
                     # 1.0: one action on every dataset state (a constant policy); lower: state-dependent
                     "greedy_mode_share": max(share.values()),
-                    "q_gap_best_second": stages[final]["diagnostics"][game]["q_gap_best_second"],
-                    "mean_q": stages[final]["diagnostics"][game].get("mean_q"),
-                    "start_greedy_share": start["greedy_share"] if start and start["states"] else None,
+                    "q_gap_best_second": diag["q_gap_best_second"],
+                    "mean_q": diag.get("mean_q"),
+                    "start_greedy_share": start["greedy_share"] if start else None,
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
