@@ -37,6 +37,7 @@ import importlib
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -444,27 +445,44 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
             "mean_q": {str(a): float(q[rows][:, a].mean()) for a in legal},
         }
         start_obs, start_actions = episode_starts(args, game)
-        out[game]["start"] = {"states": len(start_obs), "greedy_share": {}, "data_share": {}}
+        start = out[game]["start"] = {"states": len(start_obs), "greedy_share": {}, "data_share": {},
+                                      "mean_q": {}, "margin": None}  # fmt: skip
         if len(start_obs):  # (none where no episode starts in the data, e.g. --quick's few hundred steps)
-            q_start = q_values(start_obs, np.full(len(start_obs), g))[:, legal]
+            q_start = q_values(start_obs, np.full(len(start_obs), g))[:, legal]  # [N, A_legal]
             start_greedy = np.asarray(legal)[q_start.argmax(1)]
-            out[game]["start"]["greedy_share"] = {str(a): float(np.mean(start_greedy == a)) for a in legal}
-            out[game]["start"]["data_share"] = {str(a): float(np.mean(start_actions == a)) for a in legal}
+            start["greedy_share"] = {str(a): float(np.mean(start_greedy == a)) for a in legal}
+            start["data_share"] = {str(a): float(np.mean(start_actions == a)) for a in legal}
+            start["mean_q"] = {str(a): float(q_start[:, i].mean()) for i, a in enumerate(legal)}
+            # how far the network prefers the data's usual action there (Breakout: FIRE, the serve) over the
+            # best other one, per state; under the true Q a NOOP at the serve only delays it one step, so
+            # Q(NOOP) ~ gamma * Q(FIRE) there: a margin of about (1 - gamma) * Q(FIRE) to resolve
+            start["margin"] = q_margin(q_start, legal.index(int(np.bincount(start_actions).argmax())))
     return out
+
+
+def q_margin(q: np.ndarray, column: int) -> float:
+    """Mean over states (rows of q, [N, A]) of Q(s, a) - max over the other actions of Q(s, a'), a = column:
+    above 0 where the network prefers that action."""
+    return float(np.mean(q[:, column] - np.delete(q, column, axis=1).max(1)))
 
 
 DIAGNOSTICS = {"greedy_share", "mean_q", "start"}  # what greedy_diagnostics writes per game (its newest keys)
 
 
+def diagnosed(diagnostics: dict[str, Any]) -> bool:
+    """Whether a stage's diagnostics have every entry greedy_diagnostics writes today."""
+    return all(DIAGNOSTICS <= set(d) and "margin" in d["start"] for d in diagnostics.values())
+
+
 def rediagnose(args: Args, runs: dict[str, dict[str, Any]]) -> None:
-    """Runs whose final stage was diagnosed before `mean_q` or the episode-start diagnostics existed:
-    diagnose their final checkpoint again (the same sample: same checkpoint and seed) and store it in
-    stages.json."""
+    """Runs whose final stage was diagnosed before `mean_q` or the episode-start diagnostics (and their Q
+    margin) existed: diagnose their final checkpoint again (the same sample: same checkpoint and seed) and
+    store it in stages.json."""
     import cql_multigame
 
     final = str(args.eval_at[-1])
     for name, stages in runs.items():
-        if final not in stages or all(DIAGNOSTICS <= set(d) for d in stages[final]["diagnostics"].values()):
+        if final not in stages or diagnosed(stages[final]["diagnostics"]):
             continue
         method, seed = name.rsplit("_seed", 1)
         run_dir = Path(args.runs_dir) / run_name(args, method, int(seed))
@@ -536,7 +554,7 @@ def run_all(args: Args) -> dict[str, dict[str, Any]]:
                 m, s = queued.pop(0)
                 running[(m, s)] = ctx.Process(target=_chain_process, args=(args, m, s, threads))
                 running[(m, s)].start()
-            time.sleep(0.5)
+            multiprocessing.connection.wait([proc.sentinel for proc in running.values()])  # until one ends
             for (m, s), proc in list(running.items()):
                 if proc.exitcode is None:
                     continue
@@ -627,6 +645,8 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "q_gap_best_second": diag["q_gap_best_second"],
                     "mean_q": diag.get("mean_q"),
                     "start_greedy_share": start["greedy_share"] if start else None,
+                    "start_margin": start["margin"] if start else None,
+                    "start_mean_q": start["mean_q"] if start else None,
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -746,21 +766,24 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             "",
             "at the first state of every recorded episode (Breakout's serve): the action the data takes "
             "there most often (its share) / share of those states where each method's greedy action is that "
-            "one (mean over seeds)",
+            "one (mean over seeds); the Q margin: that action's Q minus the best other action's, mean over "
+            "those states and seeds (BC: its logits)",
             "",
-            "| game | states | data's action there | BC | TD only | CQL |",
-            "|---|---:|---|---:|---:|---:|",
+            "| game | states | data's action there | BC | TD only | CQL | Q margin, BC / TD only / CQL |",
+            "|---|---:|---|---:|---:|---:|---|",
         ]
         for game in starts:
             g = agg["greedy_actions"][game]
             data = g["start"]["data_share"]
             top = max(data, key=data.get)
-            cells = []
+            cells, margins = [], []
             for m in ("bc", "td", "cql"):
                 rs = [r["start_greedy_share"] for r in runs_of(g, m) if r["start_greedy_share"]]
                 cells.append(f"{np.mean([r.get(top, 0.0) for r in rs]):.2f}" if rs else "n/a")
+                ms = [r["start_margin"] for r in runs_of(g, m) if r.get("start_margin") is not None]
+                margins.append(f"{np.mean(ms):+.3f}" if ms else "n/a")
             head = f"| {game} | {g['start']['states']} | {ACTION_NAMES[int(top)]} {data[top]:.0%} | "
-            lines.append(head + " | ".join(cells) + " |")
+            lines.append(head + " | ".join(cells) + f" | {' / '.join(margins)} |")
     if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
         lines += [
             "",

@@ -170,7 +170,8 @@ def _claim_inputs(wins: set[str]):
                 diag[g]["mean_q"] = mean_q[g]
             serve = 0.6 if method == "bc" else 0.0  # Breakout's first states: how often the greedy FIREs
             diag["Breakout"]["start"] = {"states": 155, "greedy_share": {"1": serve, "0": 1 - serve},
-                                         "data_share": {"1": 0.9, "0": 0.1}}  # fmt: skip
+                                         "data_share": {"1": 0.9, "0": 0.1}, "mean_q": {},
+                                         "margin": 0.5 if method == "bc" else -0.01 * seed}  # fmt: skip
             runs[f"{method}_seed{seed}"] = {"10": {"returns": returns, "diagnostics": diag}}
     args = evidence.Args(behavior="experiments.dqn_like:improving", games=games, td_seeds=(1, 2, 3),
                          eval_at=(10,), total_steps=10, claim_se=2.0, claim_min_games=2)  # fmt: skip
@@ -193,8 +194,22 @@ def test_the_claim_needs_a_state_dependent_game_and_reads_rare_action_values():
     assert rare["runs"]["td_seed1"]["q_rare_minus_mode"] == pytest.approx(0.5)
     assert rare["runs"]["cql_seed1"]["q_rare_minus_mode"] == pytest.approx(-0.5)
     printed = evidence.format_table(args, agg)
-    assert "why CQL" in printed and "| Breakout | 155 | FIRE 90% | 0.60 | 0.00 | 0.00 |" in printed
+    serve_row = "| Breakout | 155 | FIRE 90% | 0.60 | 0.00 | 0.00 | +0.500 / -0.020 / -0.020 |"
+    assert "why CQL" in printed and serve_row in printed
     assert "| Freeway | " not in printed.split("(Breakout's serve)")[1].split("why CQL")[0]  # no start data
+
+
+def test_q_margin_and_which_diagnostics_are_out_of_date():
+    from experiments import evidence
+
+    q = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 4.5]])  # [2 states, 3 actions]
+    assert evidence.q_margin(q, 1) == pytest.approx(((3 - 2) + (0 - 5)) / 2)
+    assert evidence.q_margin(q, 0) == pytest.approx(((1 - 3) + (5 - 4.5)) / 2)
+    today = {"greedy_share": {}, "mean_q": {}, "start": {"states": 0, "margin": None}}
+    assert evidence.diagnosed({"Breakout": today, "Boxing": today})
+    before_margin = {**today, "start": {"states": 3, "greedy_share": {}, "data_share": {}}}
+    assert not evidence.diagnosed({"Breakout": today, "Boxing": before_margin})  # rediagnose() redoes it
+    assert not evidence.diagnosed({"Breakout": {"greedy_share": {}, "mean_q": {}}})  # before episode starts
 
 
 def test_episode_starts_are_the_first_state_of_every_recorded_episode(tmp_path):

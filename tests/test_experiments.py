@@ -143,7 +143,8 @@ def test_evidence_quick_runs_end_to_end_and_resumes(evidence_quick):
         best = max(diag["mean_q"].values())
         assert diag["q_gap_best_second"] >= 0 and np.isfinite(best)
         start = diag["start"]  # the first states of the recorded episodes: none in 300 steps of Breakout
-        assert start == {"states": 0, "greedy_share": {}, "data_share": {}}
+        assert start == {"states": 0, "greedy_share": {}, "data_share": {}, "mean_q": {}, "margin": None}
+        assert evidence.diagnosed(stages["20"]["diagnostics"])  # so rediagnose leaves it alone
         signals = result["training"][name]  # metrics.jsonl up to the last evaluated step, for training.png
         assert signals["step"] and signals["step"][-1] <= 20
         assert len(signals["q_data"]) == len(signals["td_loss"]) == len(signals["step"])
