@@ -121,6 +121,16 @@ def test_settings_pilot_and_clips_quick_path(tmp_path):
         durations.append(im.info["duration"])
     # 15 decisions, 1 s at the decision rate (GIF stores durations in 10 ms units: 67 ms becomes 60 or 70)
     assert abs(sum(durations) - 1000) <= 50 and len(durations) <= 15
+    assert (tmp_path / "c" / "Breakout_actions.png").is_file()  # the whole episode's actions
+
+
+def test_the_action_plot_puts_every_step_on_its_action_row(tmp_path):
+    from experiments import clips
+
+    assert clips.action_rows("Breakout", [1, 0, 4, 4, 3]).tolist() == [1, 0, 3, 3, 2]  # NOOP FIRE RIGHT LEFT
+    assert clips.action_rows("Centipede", [12, 11]).tolist() == [12, 11]  # LEFTFIRE, RIGHTFIRE: all 18 legal
+    episodes = {"CQL": ([1, 0, 4, 4, 3], 2.0), "BC": ([0, 0], 0.0)}
+    assert clips.plot_actions("Breakout", episodes, tmp_path / "a.png").stat().st_size > 0
 
 
 def test_replot_draws_the_committed_results_again(tmp_path):
