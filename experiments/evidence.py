@@ -460,6 +460,17 @@ def greedy_diagnostics(args: Args, checkpoint: Path, seed: int) -> dict[str, Any
     return out
 
 
+def advantage_shift(at: dict[str, float], everywhere: dict[str, float]) -> float | None:
+    """How much a network's action preferences change between two sets of states: the largest, over actions,
+    change of the advantage (mean Q of the action minus the mean over actions) from `everywhere` (all sampled
+    dataset states) to `at` (e.g. the episodes' first states). 0: the same preferences in both."""
+    if not at or not everywhere:
+        return None
+    a = np.array([at[k] for k in at])
+    b = np.array([everywhere[k] for k in at])
+    return float(np.abs((a - a.mean()) - (b - b.mean())).max())
+
+
 def q_margin(q: np.ndarray, column: int) -> float:
     """Mean over states (rows of q, [N, A]) of Q(s, a) - max over the other actions of Q(s, a'), a = column:
     above 0 where the network prefers that action."""
@@ -647,6 +658,7 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "start_greedy_share": start["greedy_share"] if start else None,
                     "start_margin": start["margin"] if start else None,
                     "start_mean_q": start["mean_q"] if start else None,
+                    "start_advantage_shift": start and advantage_shift(start["mean_q"], diag["mean_q"]),
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -767,23 +779,27 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             "at the first state of every recorded episode (Breakout's serve): the action the data takes "
             "there most often (its share) / share of those states where each method's greedy action is that "
             "one (mean over seeds); the Q margin: that action's Q minus the best other action's, mean over "
-            "those states and seeds (BC: its logits)",
+            "those states and seeds (BC: its logits); the advantage shift: the largest change of an action's "
+            "advantage (Q minus the mean over actions) from all dataset states to these (0: the same "
+            "preferences in every state)",
             "",
-            "| game | states | data's action there | BC | TD only | CQL | Q margin, BC / TD only / CQL |",
-            "|---|---:|---|---:|---:|---:|---|",
+            "| game | states | data's action there | BC | TD only | CQL | Q margin, BC / TD only / CQL "
+            "| advantage shift, BC / TD only / CQL |",
+            "|---|---:|---|---:|---:|---:|---|---|",
         ]
         for game in starts:
             g = agg["greedy_actions"][game]
             data = g["start"]["data_share"]
             top = max(data, key=data.get)
-            cells, margins = [], []
+            cells, margins, shifts = [], [], []
             for m in ("bc", "td", "cql"):
                 rs = [r["start_greedy_share"] for r in runs_of(g, m) if r["start_greedy_share"]]
                 cells.append(f"{np.mean([r.get(top, 0.0) for r in rs]):.2f}" if rs else "n/a")
-                ms = [r["start_margin"] for r in runs_of(g, m) if r.get("start_margin") is not None]
-                margins.append(f"{np.mean(ms):+.3f}" if ms else "n/a")
+                for key, out in (("start_margin", margins), ("start_advantage_shift", shifts)):
+                    vs = [r[key] for r in runs_of(g, m) if r.get(key) is not None]
+                    out.append(f"{np.mean(vs):{'+' if key == 'start_margin' else ''}.3f}" if vs else "n/a")
             head = f"| {game} | {g['start']['states']} | {ACTION_NAMES[int(top)]} {data[top]:.0%} | "
-            lines.append(head + " | ".join(cells) + f" | {' / '.join(margins)} |")
+            lines.append(head + " | ".join(cells) + f" | {' / '.join(margins)} | {' / '.join(shifts)} |")
     if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
         lines += [
             "",

@@ -179,8 +179,9 @@ def _claim_inputs(wins: set[str]):
             for g in games:
                 diag[g]["mean_q"] = mean_q[g]
             serve = 0.6 if method == "bc" else 0.0  # Breakout's first states: how often the greedy FIREs
+            q_serve = {**mean_q["Breakout"], "1": mean_q["Breakout"]["1"] + serve}  # BC's FIRE higher there
             diag["Breakout"]["start"] = {"states": 155, "greedy_share": {"1": serve, "0": 1 - serve},
-                                         "data_share": {"1": 0.9, "0": 0.1}, "mean_q": {},
+                                         "data_share": {"1": 0.9, "0": 0.1}, "mean_q": q_serve,
                                          "margin": 0.5 if method == "bc" else -0.01 * seed}  # fmt: skip
             runs[f"{method}_seed{seed}"] = {"10": {"returns": returns, "diagnostics": diag}}
     args = evidence.Args(behavior="experiments.dqn_like:improving", games=games, td_seeds=(1, 2, 3),
@@ -204,7 +205,9 @@ def test_the_claim_needs_a_state_dependent_game_and_reads_rare_action_values():
     assert rare["runs"]["td_seed1"]["q_rare_minus_mode"] == pytest.approx(0.5)
     assert rare["runs"]["cql_seed1"]["q_rare_minus_mode"] == pytest.approx(-0.5)
     printed = evidence.format_table(args, agg)
-    serve_row = "| Breakout | 155 | FIRE 90% | 0.60 | 0.00 | 0.00 | +0.500 / -0.020 / -0.020 |"
+    # BC's FIRE 0.6 higher at the serve than everywhere: its advantage +0.45, the other three's -0.15
+    serve_row = "| Breakout | 155 | FIRE 90% | 0.60 | 0.00 | 0.00 | +0.500 / -0.020 / -0.020 | "
+    serve_row += "0.450 / 0.000 / 0.000 |"
     assert "why CQL" in printed and serve_row in printed
     assert "| Freeway | " not in printed.split("(Breakout's serve)")[1].split("why CQL")[0]  # no start data
 
@@ -215,6 +218,10 @@ def test_q_margin_and_which_diagnostics_are_out_of_date():
     q = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 4.5]])  # [2 states, 3 actions]
     assert evidence.q_margin(q, 1) == pytest.approx(((3 - 2) + (0 - 5)) / 2)
     assert evidence.q_margin(q, 0) == pytest.approx(((1 - 3) + (5 - 4.5)) / 2)
+    everywhere = {"0": 1.0, "1": 2.0, "3": 3.0}
+    assert evidence.advantage_shift({"0": 11.0, "1": 12.0, "3": 13.0}, everywhere) == 0.0  # only V moved
+    assert evidence.advantage_shift({"0": 3.0, "1": 2.0, "3": 1.0}, everywhere) == pytest.approx(2.0)
+    assert evidence.advantage_shift({}, everywhere) is None
     today = {"greedy_share": {}, "mean_q": {}, "start": {"states": 0, "margin": None}}
     assert evidence.diagnosed({"Breakout": today, "Boxing": today})
     before_margin = {**today, "start": {"states": 3, "greedy_share": {}, "data_share": {}}}
