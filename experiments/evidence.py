@@ -658,7 +658,9 @@ def aggregate(args: Args, behavior: dict, runs: dict, data_shares: dict) -> dict
                     "start_greedy_share": start["greedy_share"] if start else None,
                     "start_margin": start["margin"] if start else None,
                     "start_mean_q": start["mean_q"] if start else None,
-                    "start_advantage_shift": start and advantage_shift(start["mean_q"], diag["mean_q"]),
+                    "start_advantage_shift": (
+                        advantage_shift(start["mean_q"], diag["mean_q"]) if start else None
+                    ),
                 }
     for game in args.games:
         table[game] = {"behavior": behavior[game]}
@@ -795,9 +797,10 @@ def format_table(args: Args, agg: dict[str, Any]) -> str:
             for m in ("bc", "td", "cql"):
                 rs = [r["start_greedy_share"] for r in runs_of(g, m) if r["start_greedy_share"]]
                 cells.append(f"{np.mean([r.get(top, 0.0) for r in rs]):.2f}" if rs else "n/a")
-                for key, out in (("start_margin", margins), ("start_advantage_shift", shifts)):
+                for key, spec, out in (("start_margin", "+.3f", margins),
+                                       ("start_advantage_shift", ".3f", shifts)):  # fmt: skip
                     vs = [r[key] for r in runs_of(g, m) if r.get(key) is not None]
-                    out.append(f"{np.mean(vs):{'+' if key == 'start_margin' else ''}.3f}" if vs else "n/a")
+                    out.append(format(np.mean(vs), spec) if vs else "n/a")
             head = f"| {game} | {g['start']['states']} | {ACTION_NAMES[int(top)]} {data[top]:.0%} | "
             lines.append(head + " | ".join(cells) + f" | {' / '.join(margins)} | {' / '.join(shifts)} |")
     if any(agg["greedy_actions"][g]["rare_actions"] for g in args.games):
